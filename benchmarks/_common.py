@@ -1,0 +1,147 @@
+"""Helpers every benchmark uses: device description, environment stamp (torch version, git commit),
+timing, a table printer, writing benchmarks/results/<name>-<device>.json and an optional PNG."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """Human-readable description of the device a benchmark ran on."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def device_tag(device: str) -> str:
+    """Short tag used in result file names: 'cpu' or 'cuda'."""
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: str) -> dict:
+    env = {
+        "device": device_name(device),
+        "device_type": device_tag(device),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "hostname_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import hift_ext
+
+        env["hift_ext_cuda_kernels"] = hift_ext.has_cuda_kernels()
+    except Exception:  # noqa: BLE001 - the stamp must never break a benchmark
+        pass
+    return env
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, min_iters: int = 5,
+            min_time: float = 0.3, max_iters: int = 200) -> float:
+    """Median seconds per call of fn(). Runs at least min_iters calls and at least min_time seconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start_all < min_time):
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec). Returns the table as text."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            v = "" if v is None else v
+            line.append(format(v, fmt) if isinstance(v, (int, float)) and fmt else str(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    out = []
+    for j, c in enumerate(cells):
+        out.append("  ".join(s.rjust(w) if j else s.ljust(w) for s, w in zip(c, widths)))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
+    print(format_table(rows, columns), flush=True)
+
+
+def results_path(name: str, device: str, suffix: str = "json") -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    return os.path.join(RESULTS_DIR, f"{name}-{device_tag(device)}.{suffix}")
+
+
+def write_results(name: str, device: str, payload: dict) -> str:
+    """Writes benchmarks/results/<name>-<device>.json with the environment stamp; returns the path."""
+    path = results_path(name, device)
+    data = {"benchmark": name, "environment": environment(device), **payload}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+
+        return True
+    except ImportError:
+        return False

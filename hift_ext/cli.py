@@ -1,0 +1,379 @@
+"""``hift-ext``: the command line.
+
+    hift-ext finetune [flags]          fine-tune a sequence classifier with HiFT (default: MiniLM, SST-2)
+    hift-ext bench [NAME ...] [-- ARGS]  run the scripts in benchmarks/ (all, or bench_NAME.py)
+    hift-ext groups [--model PATH] [--group-size N]   print the model's HiFT groups
+
+Bad input (data, model, output/resume directories, flags) prints one clear message and exits with
+code 2; the training loop itself lives in :mod:`hift_ext.train`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the network
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+PROG = "hift-ext"
+
+
+def _fail(cmd: str, msg: str, code: int = 2) -> int:
+    print(f"{PROG} {cmd}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _ratio(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from hift_ext.train import DEFAULT_LR, TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog=PROG, description="HiFT: hierarchical full-parameter fine-tuning "
+                                "with fused optimizer kernels.")
+    sub = p.add_subparsers(dest="command", metavar="{finetune,bench,groups}")
+
+    f = sub.add_parser(
+        "finetune", help="fine-tune a sequence classifier (default: all-MiniLM-L6-v2 on SST-2, HiFT-AdamW)",
+        description="Fine-tune a text classifier with HiFT (one layer group updated per step) or, with "
+        "--full, standard full fine-tuning. Without arguments: the packaged all-MiniLM-L6-v2 on the "
+        "shipped SST-2, FusedHiFTAdamW, on the GPU if there is one.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Defaults are None here so that `--resume DIR` can take the checkpoint's values for the flags
+    # not given; the effective defaults are TrainConfig's (shown in the help text).
+    g = f.add_argument_group("model and data")
+    g.add_argument("--model", metavar="PATH", default=None,
+                   help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
+    g.add_argument("--train", metavar="FILE", default=None,
+                   help="training data: .tsv (sentence<TAB>label), .csv or .jsonl (text, label) "
+                   "[default: shipped SST-2 train]")
+    g.add_argument("--eval", metavar="FILE", default=None,
+                   help="evaluation data, same formats [default: shipped SST-2 dev]")
+    g.add_argument("--max-train-examples", type=_positive_int, metavar="N", default=None,
+                   help="use only the first N training examples (quick runs)")
+    g.add_argument("--max-eval-examples", type=_positive_int, metavar="N", default=None,
+                   help="use only the first N evaluation examples")
+    g.add_argument("--max-length", type=_positive_int, metavar="N", default=None,
+                   help=f"max tokens per example [default: {d.max_length}]")
+    o = f.add_argument_group("optimizer")
+    o.add_argument("--optimizer", choices=("adamw", "adagrad", "sgd"), default=None,
+                   help=f"base optimizer [default: {d.optimizer}]")
+    o.add_argument("--full", action="store_true", default=None,
+                   help="standard full fine-tuning with torch.optim (the baseline) instead of HiFT")
+    o.add_argument("--group-size", type=_positive_int, metavar="M", default=None,
+                   help=f"layer units per HiFT group [default: {d.group_size}]")
+    o.add_argument("--strategy", choices=("down2up", "up2down", "random"), default=None,
+                   help=f"order in which groups are updated [default: {d.strategy}]")
+    lrs = ", ".join(f"{m}-{o_}: {v:g}" for (m, o_), v in DEFAULT_LR.items())
+    o.add_argument("--lr", type=_positive_float, metavar="LR", default=None,
+                   help=f"peak learning rate [default per mode and optimizer: {lrs}]")
+    o.add_argument("--weight-decay", type=_nonneg_float, metavar="WD", default=None,
+                   help=f"decoupled (adamw) / L2 weight decay [default: {d.weight_decay}]")
+    o.add_argument("--momentum", type=_nonneg_float, default=None, help=f"sgd momentum [default: {d.momentum}]")
+    o.add_argument("--scheduler", choices=("linear", "cosine", "constant", "constant_with_warmup"),
+                   default=None, help=f"LR schedule, delayed for HiFT [default: {d.scheduler}]")
+    o.add_argument("--warmup-ratio", type=_ratio, metavar="R", default=None,
+                   help=f"fraction of the steps spent warming up [default: {d.warmup_ratio}]")
+    o.add_argument("--max-grad-norm", type=_nonneg_float, default=None,
+                   help=f"gradient clipping, 0 = off [default: {d.max_grad_norm}]")
+    o.add_argument("--offload", dest="offload", action="store_true", default=None,
+                   help="keep inactive groups' optimizer state on the host [default: on with a GPU]")
+    o.add_argument("--no-offload", dest="offload", action="store_false", default=None)
+    t = f.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive_int, default=None, help=f"[default: {d.epochs}]")
+    t.add_argument("--max-steps", type=_positive_int, metavar="N", default=None,
+                   help="total optimizer steps (overrides --epochs; the LR schedule's horizon)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help=f"[default: {d.batch_size}]")
+    t.add_argument("--grad-accum", type=_positive_int, metavar="N", default=None,
+                   help=f"micro-batches per optimizer step [default: {d.grad_accum}]")
+    t.add_argument("--seed", type=int, default=None, help=f"[default: {d.seed}]")
+    t.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r = f.add_argument_group("output")
+    r.add_argument("--output", metavar="DIR", default=None,
+                   help="write config.json, metrics.jsonl, metrics.json, loss.png, checkpoint/ and model/")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    r.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run whose --output was DIR, exactly (writes into DIR unless --output)")
+    r.add_argument("--logging-steps", type=_positive_int, metavar="N", default=10,
+                   help="log the training loss every N steps")
+    r.add_argument("--save-steps", type=_positive_int, metavar="N", default=None,
+                   help="also checkpoint every N steps (a checkpoint is always written after each epoch)")
+    r.add_argument("--stop-after", type=_positive_int, metavar="N", default=None,
+                   help="stop after N steps as if interrupted, leaving a checkpoint to --resume")
+    r.add_argument("--no-save-model", dest="save_model", action="store_false",
+                   help="do not export the final model to OUTPUT/model")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    b = sub.add_parser("bench", help="run the benchmarks in benchmarks/ (all, or the ones named)",
+                       description="Run benchmark scripts from the repository's benchmarks/ directory. "
+                       "NAME is e.g. sst2 for benchmarks/bench_sst2.py; arguments after -- go to each script.")
+    b.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run [default: all]")
+    b.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    b.add_argument("--dir", default=None, help="benchmarks directory [default: found from the package or cwd]")
+
+    gr = sub.add_parser("groups", help="print a model's HiFT layer groups (describe_groups)")
+    gr.add_argument("--model", metavar="PATH", default=None,
+                    help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
+    gr.add_argument("--group-size", type=_positive_int, default=1, metavar="M")
+    return p
+
+
+FINETUNE_FLAGS = (
+    "model", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer", "full",
+    "group_size", "strategy", "lr", "weight_decay", "momentum", "scheduler", "warmup_ratio",
+    "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "bf16",
+)
+
+
+def _config_from_args(args) -> "TrainConfig":
+    from hift_ext.train import TRAINING_KEYS, TrainConfig, load_checkpoint_config
+
+    explicit = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
+    base: Dict[str, object] = {}
+    if args.resume is not None:
+        saved = load_checkpoint_config(args.resume)
+        base = {k: saved[k] for k in TRAINING_KEYS if k in saved}
+        if "offload" in saved:
+            base["offload"] = saved["offload"]
+        if args.output is None:
+            from hift_ext.train import CKPT_DIR, find_checkpoint
+
+            ck = find_checkpoint(args.resume)
+            args.output = os.path.dirname(ck) if os.path.basename(os.path.normpath(ck)) == CKPT_DIR else ck
+    cfg = TrainConfig(**{**base, **explicit})
+    cfg.device = args.device
+    cfg.output = args.output
+    cfg.resume = args.resume
+    cfg.overwrite = args.overwrite
+    cfg.logging_steps = args.logging_steps
+    cfg.save_steps = args.save_steps
+    cfg.stop_after = args.stop_after
+    cfg.progress = args.progress
+    cfg.save_model = args.save_model
+    return cfg
+
+
+def _human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _human_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_summary(cfg, m: Dict) -> str:
+    mode = "full fine-tuning" if m["mode"] == "full" else (
+        f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}")
+    rows = [
+        ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"),
+        ("eval accuracy", "n/a (no eval data)" if m["eval_accuracy"] is None
+         else f"{100 * m['eval_accuracy']:.2f}%"),
+        ("train examples/s", f"{m['train_examples_per_s']:.1f}"),
+        ("train time", f"{_human_time(m['train_time_s'])} ({m['steps']} steps, {m['epochs']} epochs, "
+                       f"{m['device']})"),
+        (f"peak memory", f"{_human_bytes(m['peak_memory_bytes'])} ({m['peak_memory_kind']})"),
+        ("optimizer state on device", f"{_human_bytes(m['optimizer_state_device_bytes'])} (max over the run)"),
+        ("  largest group's state", f"{_human_bytes(m['optimizer_state_largest_group_bytes'])}"
+                                    + (" (all HiFT needs on a GPU with offload)" if m["mode"] == "hift" else "")),
+        ("  full fine-tuning holds", f"{_human_bytes(m['optimizer_state_full_ft_bytes'])}"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    line = "-" * (w + 2 + max(len(v) for _, v in rows))
+    out = [line] + [f"{k:<{w}}  {v}" for k, v in rows] + [line]
+    if not m.get("completed", True):
+        out.append(f"(stopped early after step {m['steps']}/{m['total_steps']}: "
+                   f"continue with --resume {cfg.output})")
+    if cfg.output:
+        out.append(f"outputs in {cfg.output}: config.json metrics.jsonl metrics.json loss.png checkpoint/"
+                   + (" model/" if cfg.save_model and m.get("completed", True) else ""))
+    return "\n".join(out)
+
+
+def cmd_finetune(args) -> int:
+    from hift_ext.data import DataError
+    from hift_ext.train import UsageError, run_finetune
+
+    try:
+        cfg = _config_from_args(args)
+        metrics = run_finetune(cfg)
+    except (UsageError, DataError) as exc:
+        return _fail("finetune", str(exc))
+    except KeyboardInterrupt:
+        print(f"\n{PROG} finetune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the extension missing etc.: one line, not a traceback
+        from hift_ext._ext import ExtensionMissingError
+
+        if isinstance(exc, (ExtensionMissingError, ImportError)):
+            return _fail("finetune", str(exc), code=1)
+        raise
+    print(format_summary(cfg, metrics))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- bench
+def find_benchmarks_dir(explicit: Optional[str] = None) -> Optional[str]:
+    cands: List[str] = []
+    if explicit:
+        cands.append(explicit)
+    if os.environ.get("HIFT_EXT_BENCHMARKS"):
+        cands.append(os.environ["HIFT_EXT_BENCHMARKS"])
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cands += [os.path.join(pkg_root, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")]
+    for c in cands:
+        if os.path.isdir(c) and any(n.startswith("bench_") and n.endswith(".py") for n in os.listdir(c)):
+            return os.path.abspath(c)
+    return None
+
+
+def cmd_bench(args, extra: Sequence[str]) -> int:
+    bdir = find_benchmarks_dir(args.dir)
+    if bdir is None:
+        where = args.dir or "the repository next to the installed package, or ./benchmarks"
+        return _fail("bench", f"no benchmarks directory found (looked in {where}); the benchmarks are "
+                     "scripts in the source repository: run from its root or pass --dir PATH")
+    available = sorted(n[len("bench_"):-3] for n in os.listdir(bdir)
+                       if n.startswith("bench_") and n.endswith(".py"))
+    if args.list:
+        print("\n".join(f"{n:10s} {os.path.join(bdir, 'bench_' + n + '.py')}" for n in available))
+        return 0
+    names = [n[len("bench_"):] if n.startswith("bench_") else n for n in args.names] or available
+    names = [n[:-3] if n.endswith(".py") else n for n in names]
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        return _fail("bench", f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    failed = []
+    for n in names:
+        script = os.path.join(bdir, f"bench_{n}.py")
+        print(f"== {PROG} bench {n}: {sys.executable} {script} {' '.join(extra)}", flush=True)
+        rc = subprocess.call([sys.executable, script, *extra], cwd=os.path.dirname(bdir))
+        if rc != 0:
+            failed.append(f"{n} (exit {rc})")
+    if failed:
+        return _fail("bench", "failed: " + ", ".join(failed), code=1)
+    return 0
+
+
+# -------------------------------------------------------------------------------------- groups
+def cmd_groups(args) -> int:
+    from hift_ext.train import UsageError, resolve_model_path
+
+    try:
+        path = resolve_model_path(args.model)
+        model = _load_any_model(path)
+        from hift_ext.grouping import describe_groups
+    except UsageError as exc:
+        return _fail("groups", str(exc))
+    describe_groups(model, group_size=args.group_size, file=sys.stdout)
+    return 0
+
+
+def _load_any_model(path: str):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from hift_ext.train import UsageError
+
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"--model {path}: not a transformers model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"--model {path}: cannot read its config ({exc})") from None
+    archs = config.architectures or []
+    order = [AutoModelForSequenceClassification, AutoModelForCausalLM, AutoModel]
+    if any(a.endswith("ForCausalLM") for a in archs):
+        order = [AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModel]
+    hf_logging.set_verbosity_error()
+    last = None
+    for cls in order:
+        try:
+            return cls.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            last = exc
+    raise UsageError(f"--model {path}: cannot load the model ({last.__class__.__name__}: {last})")
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with a usage message on bad flags
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and args.command != "bench":
+        parser.error("arguments after -- are only for `bench`")
+    if args.command == "finetune":
+        return cmd_finetune(args)
+    if args.command == "bench":
+        return cmd_bench(args, extra)
+    return cmd_groups(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""HiFT with the transformers ``Trainer``.
+
+    from transformers import Trainer, TrainingArguments
+    from hift_ext.integrations.transformers import (
+        HiFTCallback, create_hift_optimizer_and_scheduler, num_training_steps)
+
+    args = TrainingArguments(output_dir="out", learning_rate=2e-4, num_train_epochs=3,
+                             per_device_train_batch_size=32, lr_scheduler_type="linear",
+                             warmup_steps=0.06, weight_decay=0.01, save_steps=100)
+    steps = num_training_steps(args, len(train_dataset))
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset,
+                      optimizers=create_hift_optimizer_and_scheduler(model, args, steps),
+                      callbacks=[HiFTCallback()])
+    trainer.train()                        # or trainer.train(resume_from_checkpoint=True)
+
+What comes from ``TrainingArguments``: ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and
+``adam_epsilon`` (AdamW), ``lr_scheduler_type``, ``lr_scheduler_kwargs`` and the warmup
+(``args.get_warmup_steps``), all through the *delayed* schedule of :mod:`hift_ext.lr` (the LR is
+constant within a cycle of k steps, on the run's own horizon), and ``seed`` (the ``random`` strategy).
+The rest needs nothing from us, because the HiFT optimizer keeps the contracts Trainer relies on:
+
+* ``gradient_accumulation_steps``: ``requires_grad`` flips only in ``step()``, so every micro-batch
+  of an accumulation trains the same group;
+* ``max_grad_norm``: Trainer clips the gradients that exist, i.e. the active group's;
+* ``fp16`` / ``bf16``: the optimizer supports GradScaler's ``grad_scale``/``found_inf``; an overflow
+  step changes nothing, and neither the group schedule nor the LR advances (the group is retried);
+* ``save_steps`` / ``resume_from_checkpoint``: ``optimizer.pt`` holds every group's state plus the
+  group schedule, ``scheduler.pt`` the LR position; both load with ``torch.load(weights_only=True)``,
+  so a resumed run ends with the same weights as an uninterrupted one.
+
+``num_training_steps`` must be the number of optimizer steps Trainer will take (the LR horizon);
+:func:`num_training_steps` computes it from the arguments the way Trainer does (``max_steps`` wins).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import torch
+
+__all__ = ["create_hift_optimizer_and_scheduler", "num_training_steps", "HiFTCallback", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adamw", "adagrad", "sgd")
+
+
+def _optimizer_class(name: str):
+    from hift_ext import optim
+
+    try:
+        return {"adamw": optim.FusedHiFTAdamW, "adagrad": optim.FusedHiFTAdaGrad,
+                "sgd": optim.FusedHiFTSGD}[name]
+    except KeyError:
+        raise ValueError(f"unknown HiFT optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
+
+
+def num_training_steps(args, num_examples: int) -> int:
+    """Optimizer steps Trainer takes for ``num_examples`` training examples on one process."""
+    if getattr(args, "max_steps", -1) and args.max_steps > 0:
+        return int(args.max_steps)
+    batch = args.per_device_train_batch_size * max(1, getattr(args, "n_gpu", 1) or 1)
+    n_batches = len(range(0, num_examples, batch)) if not args.dataloader_drop_last else num_examples // batch
+    per_epoch = max(1, math.ceil(n_batches / args.gradient_accumulation_steps))
+    return int(math.ceil(args.num_train_epochs * per_epoch))
+
+
+def create_hift_optimizer_and_scheduler(
+    model: torch.nn.Module,
+    args,
+    num_training_steps: int,
+    optimizer: str = "adamw",
+    group_size: int = 1,
+    strategy: str = "down2up",
+    seed: Optional[int] = None,
+    offload: bool = False,
+    **optimizer_kwargs: Any,
+) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """(HiFT optimizer, delayed LR scheduler) for ``Trainer(..., optimizers=...)``.
+
+    Args:
+        model: the model Trainer trains (the optimizer groups its layer units bottom to top).
+        args: the ``TrainingArguments``.
+        num_training_steps: the LR schedule's horizon in optimizer steps (see :func:`num_training_steps`).
+        optimizer: ``"adamw"`` (FusedHiFTAdamW), ``"adagrad"`` or ``"sgd"``.
+        group_size: layer units per HiFT group (the paper's m).
+        strategy: ``"down2up"``, ``"up2down"`` or ``"random"``.
+        seed: seed of the ``random`` strategy (default ``args.seed``).
+        offload: keep inactive groups' optimizer state in host memory (GPU training).
+        **optimizer_kwargs: override/extend the base optimizer's arguments (e.g. ``momentum=0.9``
+            for SGD, ``amsgrad=True``).
+    """
+    from hift_ext.lr import get_scheduler
+
+    cls = _optimizer_class(optimizer)
+    kw: dict = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    if optimizer == "adamw":
+        kw.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    elif optimizer == "sgd":
+        kw.setdefault("momentum", 0.9)
+    kw.update(optimizer_kwargs)
+    opt = cls(model, group_size=group_size, strategy=strategy,
+              seed=args.seed if seed is None else seed, offload=offload, **kw)
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    sched = get_scheduler(name, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                          num_training_steps=num_training_steps, **(args.lr_scheduler_kwargs or {}))
+    return opt, sched
+
+
+def _unwrap(opt):
+    # Trainer wraps the optimizer in accelerate's AcceleratedOptimizer (``.optimizer`` is ours).
+    while opt is not None and not hasattr(opt, "active_group") and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+try:
+    from transformers import TrainerCallback as _TrainerCallback
+except ImportError:  # pragma: no cover - transformers is optional for the rest of hift_ext
+    _TrainerCallback = object
+
+
+class HiFTCallback(_TrainerCallback):
+    """Adds the HiFT group to Trainer's logs (``hift_group`` = the group the next step updates,
+    ``hift_num_groups``, ``hift_position``). Optional: training is correct without it."""
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        opt = _unwrap(optimizer)
+        if logs is not None and opt is not None and hasattr(opt, "active_group"):
+            logs["hift_group"] = int(opt.active_group)
+            logs["hift_num_groups"] = int(opt.num_groups)
+            logs["hift_position"] = int(opt.hift_position)
+        return control

@@ -1,0 +1,136 @@
+"""Typed wrappers over the fused optimizer ops torch.ops.hift_ext.* (csrc/optim).
+
+Every op updates lists of tensors IN PLACE; index i of every list belongs to the same parameter.
+Per index, param, grad and states share dtype (float32, bfloat16 or float16; the math is fp32),
+shape and device, and are contiguous; different indices may differ in dtype and size. A whole
+list is one call: one parallel region on CPU, one kernel launch on CUDA.
+
+``state_steps`` are float32 one-element tensors on the params' device, ALREADY incremented by the
+caller (they hold the step number of this update, as in torch's fused path); kernels only read
+them. ``grad_scale`` (grads are divided by it in registers; grads are never written) and
+``found_inf`` (nonzero -> the call changes nothing) are optional float32 one-element tensors on
+the params' device, as GradScaler passes them to optimizers with ``_step_supports_amp_scaling``.
+
+The math is exactly torch.optim's (AdamW with decoupled weight decay, Adagrad, SGD); see
+csrc/optim/update.h. Bad input raises RuntimeError with a message naming the list and index.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from hift_ext._ext import require_extension
+
+__all__ = ["fused_adamw_", "fused_adagrad_", "fused_sgd_"]
+
+_C = require_extension()  # loading _C registers torch.ops.hift_ext.*
+_ops = torch.ops.hift_ext
+
+
+def _scalar(x, name: str) -> float:
+    # torch.optim accepts a Tensor lr; the kernels take python floats (float() syncs once on CUDA).
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        return float(x.item())
+    return float(x)
+
+
+def _all_empty(*lists: Sequence[Tensor]) -> bool:
+    # The dispatcher needs at least one tensor to pick a kernel: an empty call is a no-op here.
+    if len(lists[0]) != 0:
+        return False
+    for name_idx, lst in enumerate(lists[1:], 1):
+        if len(lst) != 0:
+            raise RuntimeError(
+                f"hift_ext: list #{name_idx} has {len(lst)} tensors but params has 0 "
+                "(every list needs one entry per parameter)"
+            )
+    return True
+
+
+def fused_adamw_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """In-place AdamW (decoupled weight decay) == torch.optim.AdamW. max_exp_avg_sqs is [] unless amsgrad."""
+    if _all_empty(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+        return
+    _ops.fused_adamw_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
+        list(state_steps),
+        lr=_scalar(lr, "lr"), beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
+        weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
+        maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def fused_adagrad_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state_sums: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """In-place Adagrad == torch.optim.Adagrad: clr = lr / (1 + (step - 1) * lr_decay)."""
+    if _all_empty(params, grads, state_sums, state_steps):
+        return
+    _ops.fused_adagrad_(
+        list(params), list(grads), list(state_sums), list(state_steps),
+        lr=_scalar(lr, "lr"), lr_decay=float(lr_decay), weight_decay=float(weight_decay),
+        eps=float(eps), maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+def fused_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    is_first_step: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """In-place SGD == torch.optim.SGD. momentum_buffers is [] when momentum == 0; with
+    is_first_step the buffers are SET to d_p (torch clones d_p on the first step), not read."""
+    if _all_empty(params, grads, momentum_buffers):
+        return
+    _ops.fused_sgd_(
+        list(params), list(grads), list(momentum_buffers),
+        lr=_scalar(lr, "lr"), momentum=float(momentum), dampening=float(dampening),
+        nesterov=bool(nesterov), weight_decay=float(weight_decay), maximize=bool(maximize),
+        is_first_step=bool(is_first_step), grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+# No python fake impl: csrc/optim/ops.cpp registers a Meta kernel (validation only; the ops
+# return nothing), which FakeTensor / torch.compile / torch.library.opcheck use.

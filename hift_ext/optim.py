@@ -1,0 +1,995 @@
+"""Fused optimizers: drop-in replacements for torch.optim and their HiFT variants.
+
+Drop-in (same constructor arguments, defaults, param_group keys and per-parameter state layout as
+torch.optim, so state_dicts load both ways and training continues identically):
+
+* :class:`FusedAdamW`   -- torch.optim.AdamW   (state: step, exp_avg, exp_avg_sq[, max_exp_avg_sq])
+* :class:`FusedAdaGrad` -- torch.optim.Adagrad (state: step, sum; created in __init__ like torch)
+* :class:`FusedSGD`     -- torch.optim.SGD     (state: momentum_buffer when momentum != 0)
+
+Every update is one call of the compiled op (hift_ext.ops) per (param_group, device), covering all
+tensors of that group whatever their dtypes. ``step`` counts are float32 scalar tensors on the
+parameter's device; they are incremented here and then read by the kernel. The optimizers support
+torch.amp.GradScaler directly (``_step_supports_amp_scaling``): the scale and the inf flag go to
+the kernel, which unscales in registers and skips the whole update on an overflow.
+
+HiFT (hierarchical full-parameter fine-tuning, arXiv 2401.15207):
+
+* :class:`FusedHiFTAdamW`, :class:`FusedHiFTAdaGrad`, :class:`FusedHiFTSGD` take a model (grouped by
+  :func:`hift_ext.grouping.group_model`) or an explicit list of groups, bottom to top. They keep one
+  param_group per HiFT group and update ONE group per step(), with exactly the drop-in classes'
+  update code (the HiFT classes are subclasses; there is no second copy of the math).
+
+The residency of a group's optimizer state (for ``offload=True``) goes through three hooks,
+``_bring_state_in(g)``, ``_send_state_out(g)`` and ``_sync_state()``, which do nothing while the
+state stays on the parameters' device.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from hift_ext.schedule import GroupSchedule
+
+__all__ = [
+    "FusedAdamW",
+    "FusedAdaGrad",
+    "FusedSGD",
+    "FusedHiFTAdamW",
+    "FusedHiFTAdaGrad",
+    "FusedHiFTSGD",
+]
+
+
+def _ops():
+    """The kernel wrappers, imported on first use so that importing hift_ext never needs _C."""
+    from hift_ext import ops
+
+    return ops
+
+
+def _scalar(x: Any) -> float:
+    """Python float of a hyperparameter that may be a 1-element tensor (as torch.optim accepts)."""
+    if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError("tensor hyperparameters must have exactly one element")
+        return float(x.item())
+    return float(x)
+
+
+def _check_param(p: Tensor, owner: str) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{owner}: expected parameters to be tensors, got {type(p).__name__}")
+    if not p.is_floating_point():
+        raise TypeError(
+            f"{owner}: parameter of dtype {p.dtype} (shape {tuple(p.shape)}) is not a floating-point "
+            "tensor; the fused kernels update fp32/bf16/fp16 parameters only. Leave integer buffers "
+            "out of the optimizer (register them with register_buffer, or filter the parameter list)"
+        )
+    if p.is_sparse:
+        raise TypeError(f"{owner}: sparse parameters are not supported; use a dense parameter")
+
+
+class _FusedOptimizer(Optimizer):
+    """Shared machinery: parameter validation, the per-(group, device) op call, AMP, step fix-ups.
+
+    Subclasses implement ``_init_state(p, group)`` (creates the per-parameter state exactly as the
+    torch.optim counterpart would) and ``_apply(group, params, grads, grad_scale, found_inf)`` (calls
+    one kernel for one device).
+    """
+
+    _step_supports_amp_scaling = True
+    #: state is created lazily on the first step of a parameter (HiFT sets this for AdaGrad too)
+    _eager_state = False
+    _uses_steps = True
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"{type(self).__name__} does not support differentiable=True (the fused kernels "
+                "update in place outside autograd); use torch.optim for differentiable optimizers"
+            )
+        super().__init__(params, defaults)
+        if self._eager_state:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._init_state(p, group)
+
+    # ----------------------------------------------------------------------------- param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        plist = [params] if isinstance(params, Tensor) else list(params)
+        for p in plist:
+            _check_param(p, type(self).__name__)
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------- to override
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- helpers
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters with a gradient (others are skipped, as in torch) and their gradients."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding "
+                    "(nn.Embedding(sparse=False))"
+                )
+            if not p.is_contiguous():
+                raise RuntimeError(
+                    f"{type(self).__name__}: parameter of shape {tuple(p.shape)} and strides "
+                    f"{p.stride()} is not contiguous; the fused kernels need contiguous parameters "
+                    "(replace it with p.data = p.data.contiguous() before building the optimizer)"
+                )
+            if not g.is_contiguous():
+                g = g.contiguous()  # read only by the kernel
+            params.append(p)
+            grads.append(g)
+        return params, grads
+
+    def _fix_step(self, state: dict[str, Any], p: Tensor) -> Tensor:
+        """Steps live on the parameter's device as float32 scalars (a CPU step from torch.optim
+        or an int from an old checkpoint is converted once)."""
+        step = state["step"]
+        if not isinstance(step, Tensor):
+            step = state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        elif step.device != p.device or step.dtype != torch.float32 or step.dim() != 0:
+            step = state["step"] = step.detach().reshape(()).to(
+                device=p.device, dtype=torch.float32
+            ).clone()
+        return step
+
+    def _ensure_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            self._init_state(p, group)
+        return state
+
+    @staticmethod
+    def _by_device(params: list[Tensor], grads: list[Tensor]):
+        out: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+        for p, g in zip(params, grads):
+            ps, gs = out.setdefault(p.device, ([], []))
+            ps.append(p)
+            gs.append(g)
+        return out.items()
+
+    def _amp_tensors(self, grad_scale, found_inf):
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
+        if grad_scale is not None and not isinstance(grad_scale, Tensor):
+            grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
+        return grad_scale, found_inf
+
+    @staticmethod
+    def _on(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
+        if t is None:
+            return None
+        if device not in cache:
+            cache[device] = t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        return cache[device]
+
+    def _update_group(self, group, grad_scale: Tensor | None, found_inf: Tensor | None) -> int:
+        """Update every parameter of ``group`` that has a gradient: one op call per device.
+        Returns the number of parameters updated."""
+        params, grads = self._collect(group)
+        if not params:
+            return 0
+        gs_cache: dict = {}
+        fi_cache: dict = {}
+        for device, (ps, gs) in self._by_device(params, grads):
+            self._apply(
+                group, ps, gs, self._on(grad_scale, device, gs_cache), self._on(found_inf, device, fi_cache)
+            )
+        return len(params)
+
+    # ----------------------------------------------------------------------------- public API
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scale=None, found_inf=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+            grad_scale, found_inf: optional float32 scalar tensors (as torch.amp.GradScaler sets on
+                the optimizer as attributes): gradients are divided by ``grad_scale`` inside the
+                kernel, and a nonzero ``found_inf`` makes the whole step a no-op (step counts too).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = self._amp_tensors(grad_scale, found_inf)
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._update_group(group, grad_scale, found_inf)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._post_load()
+
+    def _post_load(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    self._fix_step(state, p)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Bytes of optimizer state per device (and of gradients currently held)."""
+        state_bytes: dict[str, int] = defaultdict(int)
+        grad_bytes: dict[str, int] = defaultdict(int)
+        seen: set[int] = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grad_bytes[str(p.grad.device)] += p.grad.numel() * p.grad.element_size()
+                for v in self.state.get(p, {}).values():
+                    if isinstance(v, Tensor) and id(v) not in seen:
+                        seen.add(id(v))
+                        state_bytes[str(v.device)] += v.numel() * v.element_size()
+        return {
+            "state_bytes": dict(state_bytes),
+            "total_state_bytes": sum(state_bytes.values()),
+            "grad_bytes": dict(grad_bytes),
+            "total_grad_bytes": sum(grad_bytes.values()),
+            "pinned_bytes": 0,
+            "host_store_bytes": 0,
+        }
+
+
+# =============================================================================================
+# AdamW
+# =============================================================================================
+class FusedAdamW(_FusedOptimizer):
+    """torch.optim.AdamW with the fused hift_ext kernel (same arguments, defaults and state).
+
+    ``foreach``, ``capturable`` and ``fused`` are accepted for compatibility and stored in the
+    param groups like torch does; the update is always the fused hift_ext kernel.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        betas = (_scalar(betas[0]), _scalar(betas[1]))
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": True,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group["decoupled_weight_decay"] = True
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:
+        amsgrad = bool(group["amsgrad"])
+        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+        for p in params:
+            state = self._ensure_state(p, group)
+            if amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on after a load
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_sqs.append(state["max_exp_avg_sq"])
+            steps.append(self._fix_step(state, p))
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        _ops().fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
+            lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
+            weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]),
+            amsgrad=amsgrad, maximize=bool(group["maximize"]),
+            grad_scale=grad_scale, found_inf=found_inf,
+        )
+        if found_inf is not None:  # an overflow leaves the step counts unchanged too
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+# =============================================================================================
+# AdaGrad
+# =============================================================================================
+class FusedAdaGrad(_FusedOptimizer):
+    """torch.optim.Adagrad with the fused hift_ext kernel (same arguments, defaults and state;
+    state is created in __init__ like torch does)."""
+
+    _eager_state = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            "foreach": foreach,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        state["sum"] = torch.full_like(
+            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+        )
+
+    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:
+        sums, steps = [], []
+        for p in params:
+            state = self._ensure_state(p, group)
+            sums.append(state["sum"])
+            steps.append(self._fix_step(state, p))
+        torch._foreach_add_(steps, 1)
+        _ops().fused_adagrad_(
+            params, grads, sums, steps,
+            lr=_scalar(group["lr"]), lr_decay=_scalar(group["lr_decay"]),
+            weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]),
+            maximize=bool(group["maximize"]),
+            grad_scale=grad_scale, found_inf=found_inf,
+        )
+        if found_inf is not None:
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
+# =============================================================================================
+# SGD
+# =============================================================================================
+class FusedSGD(_FusedOptimizer):
+    """torch.optim.SGD with the fused hift_ext kernel (same arguments, defaults and state:
+    ``momentum_buffer`` per parameter when momentum != 0, created on its first step)."""
+
+    _uses_steps = False
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "maximize": maximize,
+            "foreach": foreach,
+            "differentiable": differentiable,
+            "fused": fused,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", False)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        pass  # the momentum buffer is created by the first update (torch clones d_p)
+
+    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:
+        momentum = _scalar(group["momentum"])
+        kw = dict(
+            lr=_scalar(group["lr"]), momentum=momentum, dampening=_scalar(group["dampening"]),
+            nesterov=bool(group["nesterov"]), weight_decay=_scalar(group["weight_decay"]),
+            maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf,
+        )
+        if momentum == 0:
+            _ops().fused_sgd_(params, grads, [], is_first_step=False, **kw)
+            return
+        # Parameters with a buffer continue; those without start one (buf = d_p). Usually all
+        # parameters of a group are in the same phase and this is a single call.
+        old = [(p, g, self.state[p]["momentum_buffer"]) for p, g in zip(params, grads)
+               if self.state[p].get("momentum_buffer") is not None]
+        new = [(p, g) for p, g in zip(params, grads)
+               if self.state[p].get("momentum_buffer") is None]
+        if old:
+            ps, gs, bufs = map(list, zip(*old))
+            _ops().fused_sgd_(ps, gs, bufs, is_first_step=False, **kw)
+        if new:
+            # An overflowing first step must not create buffers (the next step would then not be
+            # a first step); this costs one host sync, on a parameter's first step only.
+            if found_inf is not None and bool(found_inf.item()):
+                return
+            ps, gs = map(list, zip(*new))
+            bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
+            _ops().fused_sgd_(ps, gs, bufs, is_first_step=True, **kw)
+            for p, b in zip(ps, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+
+# =============================================================================================
+# HiFT
+# =============================================================================================
+# A parameter frozen by a HiFT optimizer (because its group is inactive) carries this attribute.
+# A HiFT optimizer built later on the same model must still see it as trainable (grouping only
+# takes parameters that require grad), so it is unfrozen again before grouping; parameters the
+# user froze are left alone.
+_FROZEN_BY_HIFT = "_hift_frozen"
+
+
+class _HiFTMixin:
+    """HiFT on top of a fused drop-in optimizer (see the module docstring and DESIGN.md)."""
+
+    _eager_state = False  # a group's state is created the first time the group is active
+
+    def __init__(
+        self,
+        model_or_groups,
+        *,
+        group_size: int = 1,
+        strategy: str = "down2up",
+        seed: int = 0,
+        offload: bool | None = None,
+        offload_slots: int = 2,
+        offload_prefetch: bool = True,
+        **base_kwargs,
+    ) -> None:
+        name = type(self).__name__
+        schedule_probe = GroupSchedule(1, strategy, seed)  # validates strategy and seed first
+        del schedule_probe
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"{name}: group_size must be an int, got {group_size!r}")
+        if group_size < 1:
+            raise ValueError(
+                f"{name}: group_size must be >= 1 (layers per group), got {group_size}"
+            )
+        groups = self._resolve_groups(model_or_groups, group_size)
+        self._hift_init = True
+        self._groups = groups
+        self._group_size = group_size if isinstance(model_or_groups, nn.Module) else None
+        self._offload = None
+        self._schedule = GroupSchedule(len(groups), strategy, seed)
+        param_groups = [{"params": list(g.params), "hift_group": i} for i, g in enumerate(groups)]
+        super().__init__(param_groups, **base_kwargs)
+        self._hift_init = False
+        if offload is None:  # default: offload when the parameters live on a GPU
+            offload = all(p.is_cuda for grp in self.param_groups for p in grp["params"])
+        if offload:
+            self._setup_offload(int(offload_slots), bool(offload_prefetch))
+        self._activate(self._schedule.current)
+
+    # ----------------------------------------------------------------------------- grouping
+    def _resolve_groups(self, model_or_groups, group_size: int):
+        from hift_ext import grouping
+
+        name = type(self).__name__
+        if isinstance(model_or_groups, nn.Module):
+            # parameters frozen by an earlier HiFT optimizer (not by the user) are trainable
+            thawed = [p for p in model_or_groups.parameters()
+                      if getattr(p, _FROZEN_BY_HIFT, False) and not p.requires_grad]
+            for p in thawed:
+                p.requires_grad_(True)
+            try:
+                if not any(p.requires_grad for p in model_or_groups.parameters()):
+                    raise ValueError(
+                        f"{name}: the model has no trainable parameters (every parameter has "
+                        "requires_grad=False); unfreeze the parameters to fine-tune"
+                    )
+                groups = grouping.group_model(model_or_groups, group_size)
+            except BaseException:
+                for p in thawed:  # a refused construction changes nothing
+                    p.requires_grad_(False)
+                raise
+            for p in thawed:
+                setattr(p, _FROZEN_BY_HIFT, False)
+        else:
+            if group_size != 1:
+                raise ValueError(
+                    f"{name}: group_size={group_size} applies only when a model is passed; explicit "
+                    "groups are used as given (merge the lists yourself)"
+                )
+            lists = model_or_groups
+            if not isinstance(lists, (Tensor, list, tuple)) and isinstance(lists, Iterable):
+                lists = list(lists)  # e.g. a generator of groups
+            if isinstance(lists, (list, tuple)) and lists and all(isinstance(g, Tensor) for g in lists):
+                raise TypeError(
+                    f"{name}: expected a model or a list of groups (each a list of parameters, "
+                    "bottom to top), got a flat list of tensors; wrap it as [[p, ...], [p, ...]] "
+                    "or use the drop-in optimizer for a single group"
+                )
+            groups = grouping.groups_from_params(lists)
+        if not groups:
+            raise ValueError(f"{name}: no trainable parameters to fine-tune")
+        seen: dict[int, int] = {}
+        for gi, g in enumerate(groups):
+            if not g.params:
+                raise ValueError(f"{name}: group {gi} has no parameters")
+            for p in g.params:
+                _check_param(p, name)
+                if id(p) in seen:
+                    raise ValueError(
+                        f"{name}: a parameter of shape {tuple(p.shape)} is in groups {seen[id(p)]} "
+                        f"and {gi}; every parameter must belong to exactly one group"
+                    )
+                seen[id(p)] = gi
+        return groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_hift_init", False):
+            raise RuntimeError(
+                f"{type(self).__name__}: HiFT groups are fixed at construction; build a new "
+                "optimizer to change them"
+            )
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def num_groups(self) -> int:
+        return self._schedule.num_groups
+
+    @property
+    def active_group(self) -> int:
+        """Index (bottom to top) of the group the next step() updates."""
+        return self._schedule.current
+
+    @property
+    def order(self) -> list[int]:
+        """Group order of the current cycle."""
+        return self._schedule.order
+
+    @property
+    def hift_position(self) -> int:
+        """Number of successful HiFT steps so far (skipped AMP steps do not count)."""
+        return self._schedule.position
+
+    @property
+    def schedule(self) -> GroupSchedule:
+        return self._schedule
+
+    @property
+    def groups(self):
+        """The HiFT groups (hift_ext.grouping.Group), bottom to top."""
+        return self._groups
+
+    @property
+    def group_size(self) -> int | None:
+        """Layers per group when built from a model; None for explicit groups."""
+        return self._group_size
+
+    # ----------------------------------------------------------------------------- residency
+    # The only places where the location of optimizer state matters. With offload=False they do
+    # nothing: every group's state stays in self.state on its parameters' device.
+    # Call order per step(): _bring_state_in(g) -> kernel update of group g (creates g's state in
+    # self.state the first time g is active) -> _send_state_out(g) (also on an exception in the
+    # update). An AMP-skipped step or a step() refused for missing grads calls neither.
+    # With offload, every group's optimizer state tensors (all but the scalar "step", which stays
+    # on the device) live in the engine's host store; self.state holds views of that store for
+    # every group except the one being updated, which holds device tensors from engine.fetch()
+    # while step() runs. Layout of a group in the engine: [(index in the group, state key), ...].
+    def _setup_offload(self, num_slots: int, prefetch: bool) -> None:
+        from hift_ext.offload import OffloadEngine
+
+        devices = {p.device for grp in self.param_groups for p in grp["params"]}
+        if len(devices) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: offload=True needs every parameter on one device, got "
+                f"{sorted(str(d) for d in devices)}; move the model to one device or pass offload=False"
+            )
+        self._offload = OffloadEngine(next(iter(devices)), num_slots)
+        self._offload_prefetch = prefetch
+        self._offload_layout: dict[int, list[tuple[int, str]]] = {}
+        self._offload_prefetched: set[int] = set()
+        self._offload_stash: dict[int, tuple[Tensor, dict[str, Tensor]]] | None = None
+        self._offload_reserved = False
+        self.register_load_state_dict_pre_hook(_offload_pre_load_hook)
+
+    @staticmethod
+    def _offload_keys(state: dict[str, Any]) -> list[str]:
+        return [k for k in sorted(state) if k != "step" and isinstance(state[k], Tensor)]
+
+    def _offload_point_at_host(self, g: int) -> None:
+        params = self.param_groups[g]["params"]
+        views = self._offload.host_views(g)
+        for (i, k), v in zip(self._offload_layout[g], views):
+            self.state[params[i]][k] = v
+
+    def _bring_state_in(self, g: int) -> None:
+        """Make group g's optimizer state resident on its parameters' device (before its update)."""
+        eng = self._offload
+        if eng is None:
+            return
+        for h in list(self._offload_prefetched):  # a stale prefetch (e.g. a retried step)
+            if h != g:
+                eng.release(h)
+        self._offload_prefetched.clear()
+        layout = self._offload_layout.get(g)
+        if layout is None:
+            return  # first activation: the update creates the state on the device
+        params = self.param_groups[g]["params"]
+        for (i, k), t in zip(layout, eng.fetch(g)):  # the compute stream waits on the H2D event
+            self.state[params[i]][k] = t
+
+    def _send_state_out(self, g: int) -> None:
+        """Group g's update is done: its state may leave the device."""
+        eng = self._offload
+        if eng is None:
+            return
+        params = self.param_groups[g]["params"]
+        layout = [(i, k) for i, p in enumerate(params) for k in self._offload_keys(self.state.get(p, {}))]
+        if self._offload_layout.get(g) == layout and eng.has_group(g):
+            eng.release(g)  # async write-back after the update kernels; device memory follows
+        else:  # new group (first activation) or new state keys (e.g. SGD momentum buffers)
+            tensors = [self.state[params[i]][k] for i, k in layout]
+            if eng.has_group(g):
+                eng.remove_group(g)
+            eng.add_group(g, tensors)
+            self._offload_layout[g] = layout
+            del tensors
+            if not self._offload_reserved and layout:
+                self._offload_reserve(g)
+        self._offload_point_at_host(g)
+        if self._offload_prefetch:
+            nxt = self._schedule.next  # overlaps the next group's forward/backward
+            if nxt != g and nxt in self._offload_layout:
+                eng.prefetch(nxt)
+                self._offload_prefetched.add(nxt)
+
+    def _offload_reserve(self, g: int) -> None:
+        """Size the pinned slots once, to the largest group's state (same bytes per parameter byte
+        as the first group), so slots never grow (and pinned-memory failures surface now)."""
+        eng = self._offload
+        pbytes = lambda grp: sum(p.numel() * p.element_size() for p in grp["params"])  # noqa: E731
+        ratio = eng.group_bytes(g) / max(1, pbytes(self.param_groups[g]))
+        largest = max(pbytes(grp) for grp in self.param_groups)
+        slack = 256 * (max(len(grp["params"]) for grp in self.param_groups) * 4 + 1)
+        eng.reserve(int(largest * ratio) + slack)
+        self._offload_reserved = True
+
+    def _sync_state(self) -> None:
+        """Make self.state hold every group's true state (before state_dict / load_state_dict)."""
+        if self._offload is not None:
+            self._offload.synchronize()  # the host views in self.state are now current
+
+    def _after_load(self) -> None:
+        """self.state was replaced by load_state_dict: rebuild the residency of every group."""
+        eng = self._offload
+        if eng is None:
+            return
+        stash = self._offload_stash or {}
+        self._offload_stash = None
+        for h in list(self._offload_prefetched):
+            eng.release(h)
+        self._offload_prefetched.clear()
+        for g, grp in enumerate(self.param_groups):
+            layout, tensors = [], []
+            for i, p in enumerate(grp["params"]):
+                saved = stash.get(id(p), (None, {}))[1]
+                for k in sorted(saved):
+                    layout.append((i, k))
+                    tensors.append(saved[k])
+            if eng.has_group(g) and self._offload_layout.get(g) == layout and layout:
+                eng.load_host(g, tensors)
+            else:
+                if eng.has_group(g):
+                    eng.remove_group(g)
+                self._offload_layout.pop(g, None)
+                if layout:
+                    eng.add_group(g, tensors)
+                    self._offload_layout[g] = layout
+            if layout:
+                self._offload_point_at_host(g)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in ("_schedule", "_groups", "_group_size", "_offload", "_hift_init"):
+            state[key] = self.__dict__[key]
+        return state
+
+    # ----------------------------------------------------------------------------- switching
+    def _activate(self, active: int) -> None:
+        """Only the active group requires grad; every other parameter loses its gradient."""
+        for i, group in enumerate(self.param_groups):
+            on = i == active
+            for p in group["params"]:
+                if p.requires_grad != on:
+                    p.requires_grad_(on)
+                    setattr(p, _FROZEN_BY_HIFT, not on)
+                if not on:
+                    p.grad = None
+
+    # ----------------------------------------------------------------------------- step
+    def step(self, closure: Callable[[], Any] | None = None, *, grad_scale=None, found_inf=None):
+        """Update the active group, then switch to the next one.
+
+        An AMP overflow (``found_inf`` set, e.g. by torch.amp.GradScaler) changes nothing and the
+        same group is retried at the next step. Raises RuntimeError when the active group has no
+        gradients (backward was not called).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        g = self._schedule.current
+        group = self.param_groups[g]
+        if all(p.grad is None for p in group["params"]):
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): the active HiFT group {g} has no gradients: "
+                "backward() was not called since the last step()/zero_grad() (or the loss does not "
+                "depend on this group). The group did not change; call loss.backward() before "
+                "step()."
+            )
+        grad_scale, found_inf = self._amp_tensors(grad_scale, found_inf)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss  # overflow: nothing changes and the schedule does not advance
+        with torch.no_grad():
+            self._bring_state_in(g)
+            try:
+                self._update_group(group, grad_scale, None)
+            finally:
+                self._send_state_out(g)
+        self._schedule.advance()
+        self._activate(self._schedule.current)
+        return loss
+
+    # ----------------------------------------------------------------------------- state
+    def _fingerprint(self) -> list[list[list[int]]]:
+        return [[list(p.shape) for p in group["params"]] for group in self.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        self._sync_state()
+        sd = super().state_dict()
+        sd["hift"] = {
+            "format": 1,
+            "optimizer": type(self).__name__,
+            "num_groups": self.num_groups,
+            "group_size": self._group_size,
+            "strategy": self._schedule.strategy,
+            "schedule": self._schedule.state_dict(),
+            "shapes": self._fingerprint(),
+        }
+        return sd
+
+    def _check_hift_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        name = type(self).__name__
+        hift = state_dict.get("hift") if isinstance(state_dict, dict) else None
+        if not isinstance(hift, dict):
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict has no 'hift' entry, so it was not saved "
+                "by a FusedHiFT optimizer; load a state_dict saved by "
+                f"{name}.state_dict() (a torch.optim state_dict loads into the drop-in optimizers)"
+            )
+        saved = hift.get("optimizer")
+        if saved != name:
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict was saved by {saved}; construct a {saved} "
+                f"to load it (the optimizer type must match)"
+            )
+        saved_k = hift.get("num_groups")
+        saved_gs = hift.get("group_size")
+        if saved_k != self.num_groups:
+            fix = (
+                f"construct the optimizer with group_size={saved_gs} on the same model"
+                if saved_gs is not None
+                else "construct the optimizer with the same explicit groups"
+            )
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict has {saved_k} HiFT groups "
+                f"(group_size={saved_gs}) but this optimizer has {self.num_groups} "
+                f"(group_size={self._group_size}); {fix}"
+            )
+        shapes = hift.get("shapes")
+        mine = self._fingerprint()
+        if shapes != mine:
+            where = ""
+            for gi, (a, b) in enumerate(zip(shapes or [], mine)):
+                if a != b:
+                    where = f" (first difference in group {gi}: saved {a[:4]}{'...' if len(a) > 4 else ''}, here {b[:4]}{'...' if len(b) > 4 else ''})"
+                    break
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict was saved for a different model: its "
+                f"parameter shapes do not match this optimizer's groups{where}; load it into an "
+                f"optimizer built on the same model with group_size={saved_gs}"
+            )
+        if len(state_dict.get("param_groups", [])) != self.num_groups:
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict has "
+                f"{len(state_dict.get('param_groups', []))} param_groups, expected {self.num_groups}"
+            )
+        probe = GroupSchedule(self.num_groups, self._schedule.strategy, self._schedule.seed)
+        probe.load_state_dict(hift["schedule"])  # raises with a fix (e.g. another strategy)
+        return hift
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        hift = self._check_hift_state(state_dict)  # refuse before changing anything
+        self._sync_state()
+        base = {k: v for k, v in state_dict.items() if k != "hift"}
+        super().load_state_dict(base)  # also moves steps to the parameters' devices
+        self._schedule.load_state_dict(hift["schedule"])
+        self._after_load()
+        self._activate(self._schedule.current)
+
+    def memory_report(self) -> dict[str, Any]:
+        self._sync_state()
+        report = super().memory_report()
+        engine_report = getattr(self._offload, "memory_report", None)
+        if callable(engine_report):  # the offload engine adds pinned / host-store figures
+            report.update(engine_report())
+        report["num_groups"] = self.num_groups
+        report["active_group"] = self.active_group
+        return report
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_groups={self.num_groups}, strategy="
+            f"{self._schedule.strategy!r}, position={self.hift_position}, "
+            f"active_group={self.active_group})"
+        )
+
+
+def _offload_pre_load_hook(opt, state_dict: dict[str, Any]):
+    """load_state_dict pre-hook of an offloading HiFT optimizer: takes the offloaded state tensors
+    out of the state_dict (torch would otherwise copy every group's state onto the device) and
+    stashes them, cast like torch does, for _after_load, which puts them into the engine."""
+    if getattr(opt, "_offload", None) is None:
+        return None
+    sd = dict(state_dict)
+    ids: dict[Any, Tensor] = {}
+    for saved, grp in zip(sd.get("param_groups", []), opt.param_groups):
+        for pid, p in zip(saved["params"], grp["params"]):
+            ids[pid] = p
+    state, stash = {}, {}
+    for pid, st in sd.get("state", {}).items():
+        p = ids.get(pid)
+        keep, out = {}, {}
+        for k, v in st.items():
+            if p is not None and k != "step" and isinstance(v, Tensor):
+                v = v.detach()
+                if p.is_floating_point() and v.is_floating_point() and v.dtype != p.dtype:
+                    v = v.to(p.dtype)
+                out[k] = v
+            else:
+                keep[k] = v
+        state[pid] = keep
+        if out:
+            stash[id(p)] = (p, out)
+    sd["state"] = state
+    opt._offload_stash = stash
+    return sd
+
+
+def _hift_doc(base: str) -> str:
+    return (
+        f"HiFT with {base}: ``({base.split('.')[-1]}-kwargs)`` plus ``model_or_groups, group_size=1, "
+        "strategy='down2up', seed=0, offload=None, offload_slots=2, offload_prefetch=True``. "
+        "offload (default: True when the parameters are on CUDA) keeps every group's optimizer state "
+        "in host memory and streams only the active group's state to the device. One param_group per HiFT group (bottom to top, "
+        "key 'hift_group'); each step() updates only the active group with the base optimizer's "
+        "math and that group's own step count, then switches to the next group."
+    )
+
+
+class FusedHiFTAdamW(_HiFTMixin, FusedAdamW):
+    __doc__ = _hift_doc("torch.optim.AdamW")
+
+
+class FusedHiFTAdaGrad(_HiFTMixin, FusedAdaGrad):
+    __doc__ = _hift_doc("torch.optim.Adagrad")
+
+
+class FusedHiFTSGD(_HiFTMixin, FusedSGD):
+    __doc__ = _hift_doc("torch.optim.SGD")

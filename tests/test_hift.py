@@ -1,0 +1,463 @@
+"""HiFT optimizers: FusedHiFTAdamW / FusedHiFTAdaGrad / FusedHiFTSGD.
+
+Every line of DESIGN.md "Semantics" that concerns the optimizer is pinned down here (grouping itself
+is tested in test_grouping.py, the schedule in test_schedule.py, the delayed LR in test_lr.py; the
+bitwise resume in a new process and the LLaMA end-to-end run in test_hift_resume.py).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from _optim_testutil import MLP, assert_params_equal, batch, loss_fn, needs_kernels
+from hift_ext.optim import (
+    FusedAdaGrad, FusedAdamW, FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD, FusedSGD,
+)
+from hift_ext.schedule import GroupSchedule
+
+pytestmark = needs_kernels
+
+KINDS = {
+    # name: (HiFT class, drop-in class, torch class, kwargs exercising the options)
+    "adamw": (FusedHiFTAdamW, FusedAdamW, torch.optim.AdamW,
+              {"lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}),
+    "adagrad": (FusedHiFTAdaGrad, FusedAdaGrad, torch.optim.Adagrad,
+                {"lr": 5e-2, "lr_decay": 0.01, "initial_accumulator_value": 0.1, "weight_decay": 0.01}),
+    "sgd": (FusedHiFTSGD, FusedSGD, torch.optim.SGD,
+            {"lr": 5e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+}
+STRATEGIES = ["down2up", "up2down", "random"]
+
+
+def check_invariants(opt):
+    """Only the active group requires grad; every other parameter has no gradient."""
+    active = opt.active_group
+    for i, group in enumerate(opt.param_groups):
+        assert group["hift_group"] == i
+        for p in group["params"]:
+            assert p.requires_grad == (i == active), (i, active)
+            if i != active:
+                assert p.grad is None, (i, active)
+
+
+def hift_train(model, opt, steps, start=0, check=True):
+    seen = []
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        x, y = batch(t)
+        loss_fn(model, x, y).backward()
+        if check:
+            check_invariants(opt)
+        seen.append(opt.active_group)
+        opt.step()
+        if check:
+            check_invariants(opt)
+    return seen
+
+
+def reference_train(model, make_opt, schedule, steps, start=0):
+    """k separate optimizers (one per group); step t steps only optimizer schedule.group_at(t)."""
+    opts = [make_opt(g) for g in model.groups()]
+    seen = []
+    for t in range(start, start + steps):
+        model.zero_grad(set_to_none=True)
+        x, y = batch(t)
+        loss_fn(model, x, y).backward()
+        g = schedule.group_at(t)
+        seen.append(g)
+        opts[g].step()
+    return seen
+
+
+# ------------------------------------------------------------------------------ equivalence
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_equivalent_to_separate_torch_optimizers(kind, strategy):
+    hift_cls, fused_cls, torch_cls, kw = KINDS[kind]
+    model = MLP()
+    ref_torch = copy.deepcopy(model)
+    ref_fused = copy.deepcopy(model)
+    opt = hift_cls(model.groups(), strategy=strategy, seed=3, **kw)
+    k = opt.num_groups
+    assert k == 4
+    steps = 4 * k  # four cycles
+    seen = hift_train(model, opt, steps)
+    sched = GroupSchedule(k, strategy, 3)
+    seen_ref = reference_train(ref_torch, lambda g: torch_cls(g, **kw), sched, steps)
+    seen_fused = reference_train(ref_fused, lambda g: fused_cls(g, **kw), sched, steps)
+    assert seen == seen_ref == seen_fused
+    if strategy == "down2up":
+        assert seen == [0, 1, 2, 3] * 4
+    elif strategy == "up2down":
+        assert seen == [3, 2, 1, 0] * 4
+    else:
+        cycles = [seen[i:i + k] for i in range(0, steps, k)]
+        assert all(sorted(c) == list(range(k)) for c in cycles)
+        assert len({tuple(c) for c in cycles}) > 1  # reshuffled every cycle
+    # against torch.optim: fp32 rounding; against the drop-in kernels: bitwise
+    assert_params_equal(model.parameters(), ref_torch.parameters(), exact=False)
+    assert_params_equal(model.parameters(), ref_fused.parameters(), exact=True)
+    # every group's own step count: 4 updates each
+    for st in opt.state.values():
+        if "step" in st:
+            assert float(st["step"]) == 4.0
+    assert opt.hift_position == steps
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_single_group_equals_torch_optimizer(kind):
+    hift_cls, _, torch_cls, kw = KINDS[kind]
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt = hift_cls([list(model.parameters())], **kw)
+    opt_ref = torch_cls(ref.parameters(), **kw)
+    assert opt.num_groups == 1
+    for t in range(10):
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        x, y = batch(t)
+        loss_fn(model, x, y).backward()
+        loss_fn(ref, x, y).backward()
+        opt.step()
+        opt_ref.step()
+        assert all(p.requires_grad for p in model.parameters())
+    assert_params_equal(model.parameters(), ref.parameters(), exact=False)
+
+
+# ------------------------------------------------------------------------------ switching
+def test_construction_freezes_all_but_first_group_and_state_is_lazy():
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups(), strategy="up2down")
+    assert opt.active_group == 3 and opt.order == [3, 2, 1, 0] and opt.hift_position == 0
+    check_invariants(opt)
+    assert len(opt.state) == 0
+    assert opt.memory_report()["total_state_bytes"] == 0
+    hift_train(model, opt, 1)
+    top = model.groups()[3]
+    assert set(opt.state) == set(top)  # state of a group is created when it is first active
+    assert opt.memory_report()["total_state_bytes"] == sum(2 * p.numel() * 4 + 4 for p in top)
+    hift_train(model, opt, 3, start=1)
+    assert len(opt.state) == sum(len(g) for g in model.groups())
+
+
+def test_adagrad_hift_state_is_lazy_too():
+    model = MLP()
+    opt = FusedHiFTAdaGrad(model.groups())
+    assert len(opt.state) == 0
+    hift_train(model, opt, 1)
+    assert set(opt.state) == set(model.groups()[0])
+
+
+def test_backward_computes_no_weight_grads_for_inactive_groups():
+    model = MLP()
+    opt = FusedHiFTSGD(model.groups(), strategy="up2down", lr=0.1)
+    x, y = batch(0)
+    loss_fn(model, x, y).backward()
+    grads = [[p.grad is not None for p in g] for g in model.groups()]
+    assert grads == [[False, False], [False, False], [False, False], [True, True]]
+    # the first layer's input does not require grad and neither do its weights: autograd stops
+    # at the top layer (backward never reaches the lower layers)
+    out = model.layers[0](x)
+    assert out.grad_fn is None
+    opt.step()
+
+
+def test_step_without_backward_raises_and_does_not_advance():
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups())
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.step()
+    assert opt.hift_position == 0 and opt.active_group == 0
+    check_invariants(opt)
+    hift_train(model, opt, 1)
+    assert opt.active_group == 1
+    with pytest.raises(RuntimeError, match="backward"):
+        opt.step()  # the old group's grads were dropped, the new one has none yet
+    assert opt.hift_position == 1 and opt.active_group == 1
+    check_invariants(opt)
+
+
+def test_gradient_accumulation_trains_the_same_group():
+    """2 micro-batches of half size == 1 full batch (the group only switches in step())."""
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt = FusedHiFTAdamW(model.groups(), strategy="random", lr=1e-2)
+    opt_ref = FusedHiFTAdamW(ref.groups(), strategy="random", lr=1e-2)
+    for t in range(8):
+        x, y = batch(t, n=8)
+        opt_ref.zero_grad()
+        loss_fn(ref, x, y).backward()
+        opt_ref.step()
+        opt.zero_grad()
+        active = opt.active_group
+        for xs, ys in zip(x.split(4), y.split(4)):
+            (loss_fn(model, xs, ys) / 2).backward()
+            assert opt.active_group == active
+            check_invariants(opt)
+        opt.step()
+        assert opt.active_group == opt_ref.active_group
+    assert_params_equal(model.parameters(), ref.parameters(), exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_grad_norm_clips_the_active_group():
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups())
+    hift_train(model, opt, 2)  # active group 2 now
+    x, y = batch(5)
+    loss_fn(model, x, y).backward()
+    active = model.groups()[opt.active_group]
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in active]))
+    before = [p.grad.clone() for p in active]
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3)
+    torch.testing.assert_close(total, expected)
+    for p, g in zip(active, before):
+        torch.testing.assert_close(p.grad, g * (1e-3 / (expected + 1e-6)))
+    opt.step()
+
+
+# ------------------------------------------------------------------------------ AMP
+def _snapshot(model, opt):
+    return copy.deepcopy((model.state_dict(), opt.state_dict()))
+
+
+def _assert_same_snapshot(a, b):
+    (ma, oa), (mb, ob) = a, b
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k
+    assert oa["hift"] == ob["hift"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for k, v in oa["state"][i].items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_grad_scaler_overflow_skips_and_retries_the_same_group(kind):
+    hift_cls, _, _, kw = KINDS[kind]
+    model = MLP()
+    opt = hift_cls(model.groups(), strategy="random", seed=1, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for t in range(7):
+        opt.zero_grad()
+        x, y = batch(t)
+        scaler.scale(loss_fn(model, x, y)).backward()
+        overflow = t in (0, 4)  # on a first visit (no state yet) and later
+        if overflow:
+            active, pos, scale = opt.active_group, opt.hift_position, scaler.get_scale()
+            next(iter(model.groups()[active])).grad.view(-1)[0] = float("inf")
+            snap = _snapshot(model, opt)
+        scaler.step(opt)
+        scaler.update()
+        if overflow:
+            _assert_same_snapshot(snap, _snapshot(model, opt))
+            assert opt.active_group == active and opt.hift_position == pos
+            assert scaler.get_scale() < scale
+            check_invariants(opt)
+            assert model.groups()[active][0].grad is not None  # the retry may reuse zero_grad
+    assert opt.hift_position == 5
+
+
+def test_grad_scaler_training_matches_unscaled_training():
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt = FusedHiFTAdamW(model.groups(), lr=1e-2)
+    opt_ref = FusedHiFTAdamW(ref.groups(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for t in range(8):
+        x, y = batch(t)
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, x, y)).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+        opt_ref.zero_grad()
+        loss_fn(ref, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt_ref.step()
+    assert_params_equal(model.parameters(), ref.parameters(), exact=False, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ LR
+def test_delayed_lr_with_get_scheduler():
+    lr_mod = pytest.importorskip("hift_ext.lr")
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups(), lr=1e-2)
+    k, total = opt.num_groups, 16
+    sched = lr_mod.get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=total)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    used = []
+    for t in range(total + 1):  # one overflowing step in the middle
+        opt.zero_grad()
+        x, y = batch(t)
+        scaler.scale(loss_fn(model, x, y)).backward()
+        if t == 6:
+            model.groups()[opt.active_group][0].grad.view(-1)[0] = float("nan")
+        else:
+            used.append(opt.param_groups[opt.active_group]["lr"])
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    expected = [1e-2 * (1 - k * (t // k) / total) for t in range(total)]
+    assert used == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------ state dicts
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_state_dict_load_continues_identically(kind):
+    hift_cls, _, _, kw = KINDS[kind]
+    model = MLP()
+    opt = hift_cls(model.groups(), strategy="random", seed=7, **kw)
+    hift_train(model, opt, 6)
+    sd = opt.state_dict()
+    assert sd["hift"]["optimizer"] == hift_cls.__name__
+    assert sd["hift"]["schedule"]["position"] == 6
+    assert sd["hift"]["shapes"] == [[list(p.shape) for p in g] for g in model.groups()]
+    assert [g["hift_group"] for g in sd["param_groups"]] == [0, 1, 2, 3]
+
+    model2 = MLP(seed=1)
+    model2.load_state_dict(model.state_dict())
+    opt2 = hift_cls(model2.groups(), strategy="random", seed=0, **kw)  # seed comes from the ckpt
+    opt2.load_state_dict(copy.deepcopy(sd))
+    assert opt2.active_group == opt.active_group and opt2.order == opt.order
+    check_invariants(opt2)
+    hift_train(model, opt, 9, start=6)
+    hift_train(model2, opt2, 9, start=6)
+    assert_params_equal(model.parameters(), model2.parameters(), exact=True)
+
+
+def test_model_based_construction_and_group_size_fingerprint():
+    model = MLP()
+    opt = FusedHiFTAdamW(model, group_size=2)
+    assert opt.num_groups == 2 and opt.group_size == 2
+    assert [len(g.params) for g in opt.groups] == [4, 4]
+    hift_train(model, opt, 3)
+    sd = opt.state_dict()
+    assert sd["hift"]["group_size"] == 2
+    # a second HiFT optimizer on the same model sees every parameter again
+    opt1 = FusedHiFTAdamW(model, group_size=1)
+    assert opt1.num_groups == 4
+    with pytest.raises(ValueError, match="group_size=2"):
+        opt1.load_state_dict(sd)
+
+
+def _mismatch_cases():
+    def other_model():
+        m = MLP(sizes=(6, 12, 11, 10, 3))
+        return FusedHiFTAdamW(m.groups())
+
+    def other_type():
+        return FusedHiFTSGD(MLP().groups())
+
+    def other_count():
+        m = MLP(sizes=(6, 12, 10, 3))
+        return FusedHiFTAdamW(m.groups())
+
+    def other_strategy():
+        return FusedHiFTAdamW(MLP().groups(), strategy="up2down")
+
+    return {
+        "model": (other_model, "different model"),
+        "type": (other_type, "construct a FusedHiFTAdamW"),
+        "count": (other_count, "HiFT groups"),
+        "strategy": (other_strategy, "strategy='down2up'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["model", "type", "count", "strategy", "not_hift"])
+def test_mismatched_state_dict_is_refused_and_changes_nothing(case):
+    src_model = MLP()
+    src = FusedHiFTAdamW(src_model.groups())
+    hift_train(src_model, src, 2)
+    sd = src.state_dict()
+    if case == "not_hift":
+        plain = torch.optim.AdamW(MLP().parameters())
+        make, match, sd = (lambda: src.__class__(MLP().groups())), "no 'hift' entry", plain.state_dict()
+    else:
+        make, match = _mismatch_cases()[case]
+    target = make()
+    model_params = [p for g in target.param_groups for p in g["params"]]
+    # give the target some progress of its own
+    for t in range(3):
+        target.zero_grad()
+        for p in target.param_groups[target.active_group]["params"]:
+            p.grad = torch.ones_like(p)
+        target.step()
+    before = copy.deepcopy(target.state_dict())
+    flags = [p.requires_grad for p in model_params]
+    values = [p.detach().clone() for p in model_params]
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert after["hift"] == before["hift"]
+    assert after["param_groups"] == before["param_groups"]
+    for i in before["state"]:
+        for k, v in before["state"][i].items():
+            assert torch.equal(v, after["state"][i][k])
+    assert flags == [p.requires_grad for p in model_params]
+    assert all(torch.equal(a, b) for a, b in zip(values, model_params))
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_inputs():
+    model = MLP()
+    with pytest.raises(ValueError, match="unknown HiFT strategy"):
+        FusedHiFTAdamW(model, strategy="sideways")
+    with pytest.raises(ValueError, match="group_size"):
+        FusedHiFTAdamW(model, group_size=0)
+    with pytest.raises(ValueError, match="group_size"):
+        FusedHiFTAdamW(model, group_size=5)  # 4 layer units
+    with pytest.raises(TypeError, match="group_size"):
+        FusedHiFTAdamW(model, group_size=1.5)
+    with pytest.raises(ValueError, match="group_size"):
+        FusedHiFTAdamW(model.groups(), group_size=2)
+    g = model.groups()
+    with pytest.raises(ValueError, match="exactly one group"):
+        FusedHiFTAdamW([g[0], g[1] + [g[0][0]]])
+    with pytest.raises(TypeError, match="flat list"):
+        FusedHiFTAdamW(list(model.parameters()))
+    frozen = MLP()
+    frozen.layers[1].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        FusedHiFTAdamW([list(layer.parameters()) for layer in frozen.layers])
+    integer = nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        FusedHiFTAdamW([g[0], [integer]])
+    nothing = MLP().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        FusedHiFTAdamW(nothing)
+    with pytest.raises(ValueError, match="empty"):
+        FusedHiFTAdamW([])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        FusedHiFTAdamW(model.groups(), momentum=0.9)
+    with pytest.raises(ValueError, match="Nesterov"):
+        FusedHiFTSGD(model.groups(), nesterov=True)
+    with pytest.raises(NotImplementedError, match="offload"):
+        FusedHiFTAdamW(model.groups(), offload=True)
+    opt = FusedHiFTAdamW(model.groups())
+    with pytest.raises(RuntimeError, match="fixed at construction"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
+def test_frozen_params_of_a_model_are_left_alone():
+    model = MLP()
+    model.layers[0].requires_grad_(False)  # the user freezes the bottom layer
+    opt = FusedHiFTAdamW(model)
+    assert opt.num_groups == 3
+    for t in range(6):
+        hift_train(model, opt, 1, start=t)
+        assert not any(p.requires_grad for p in model.layers[0].parameters())
+    assert all(p.grad is None for p in model.layers[0].parameters())
+
+
+def test_deepcopy_keeps_the_hift_state():
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups(), strategy="random", seed=2)
+    hift_train(model, opt, 3)
+    clone = copy.deepcopy(opt)
+    assert clone.hift_position == 3 and clone.active_group == opt.active_group
+    assert clone.num_groups == 4 and len(clone.groups) == 4
+    assert clone.state_dict()["hift"] == opt.state_dict()["hift"]

@@ -1,0 +1,179 @@
+"""HiFT inside transformers.Trainer: tiny random BERT (classification) and LLaMA (causal LM), CPU.
+
+Checks what create_hift_optimizer_and_scheduler promises: the TrainingArguments LR/decay/betas and
+the delayed schedule with warmup, one group per optimizer step (also with gradient accumulation),
+clipping, bf16 autocast, and save_steps + resume_from_checkpoint ending with the same weights as an
+uninterrupted run.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hift_ext._ext import has_extension  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="hift_ext._C (fused kernels) is not built")
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+
+class RandomData(torch.utils.data.Dataset):
+    def __init__(self, n, seq, vocab, kind, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, vocab, (n, seq), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.kind = kind
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        d = {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+        d["labels"] = self.labels[i] if self.kind == "cls" else self.ids[i].clone()
+        return d
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False))
+
+
+def make_args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
+                weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=2, logging_steps=1,
+                save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0,
+                dataloader_num_workers=0, max_grad_norm=1.0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def build(model_fn, data, out, optimizer="adamw", callbacks=(), **kw):
+    from hift_ext.integrations.transformers import (HiFTCallback, create_hift_optimizer_and_scheduler,
+                                                    num_training_steps)
+
+    model = model_fn()
+    args = make_args(out, **kw)
+    steps = num_training_steps(args, len(data))
+    opt, sched = create_hift_optimizer_and_scheduler(model, args, steps, optimizer=optimizer)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
+                      callbacks=[HiFTCallback(), *callbacks])
+    return model, opt, sched, trainer, steps
+
+
+class Recorder(transformers.TrainerCallback):
+    """Sees the logs after HiFTCallback added the group (Trainer's log_history is a copy made before)."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "learning_rate" in logs:
+            self.logs.append(dict(logs))
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_bert_delayed_lr_groups_and_accumulation(tmp_path):
+    data = RandomData(48, 8, 100, "cls")
+    # 48 / 4 = 12 micro-batches, grad accumulation 2 -> 6 optimizer steps
+    rec = Recorder()
+    model, opt, sched, trainer, steps = build(tiny_bert, data, tmp_path, gradient_accumulation_steps=2,
+                                              callbacks=[rec])
+    assert steps == 6
+    k = opt.num_groups
+    assert k >= 4  # embeddings, 2 layers, head (at least)
+    assert opt.defaults["lr"] == 1e-2 and opt.defaults["weight_decay"] == 0.01
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    before = snapshot(model)
+    trainer.train()
+    assert opt.hift_position == 6  # one optimizer step per accumulation, each a HiFT step
+    logs = rec.logs
+    assert len(logs) == 6
+    # delayed linear schedule with 2 warmup steps on the horizon of 6 steps: lr(t) = f(k * (t // k))
+    def f(s):
+        return s / 2 if s < 2 else max(0.0, (6 - s) / (6 - 2))
+    for t, rec in enumerate(logs):
+        assert rec["learning_rate"] == pytest.approx(1e-2 * f(k * (t // k)), rel=1e-6)
+    # HiFTCallback: the group the next step updates, after step t (0-based) that is (t + 1) % k
+    assert [l["hift_group"] for l in logs] == [(t + 1) % k for t in range(6)]
+    assert [l["hift_position"] for l in logs] == list(range(1, 7))
+    after = snapshot(model)
+    changed = [g.index for g in opt.groups
+               if any(not torch.equal(before[n], after[n]) for n in g.param_names if n in before)]
+    # step t updated group t % k; with the delayed warmup the whole first cycle has lr 0
+    assert set(changed) == {t % k for t in range(6) if f(k * (t // k)) > 0}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, optimizer):
+    data = RandomData(40, 8, 100, "cls", seed=1)
+    kw = dict(save_strategy="steps", save_steps=4, num_train_epochs=2, gradient_accumulation_steps=1,
+              warmup_steps=0.1)
+    model_a, opt_a, _, trainer_a, steps = build(tiny_bert, data, tmp_path / "a", optimizer=optimizer, **kw)
+    assert steps == 20
+    trainer_a.train()
+    final_a = snapshot(model_a)
+    ckpt = tmp_path / "a" / "checkpoint-8"  # mid-epoch 1 (10 steps per epoch), mid-cycle
+    assert (ckpt / "optimizer.pt").exists() and (ckpt / "scheduler.pt").exists()
+    # the optimizer state round-trips through Trainer's safe loader
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert sd["hift"]["schedule"]["position"] == 8
+    model_b, opt_b, _, trainer_b, _ = build(tiny_bert, data, tmp_path / "b", optimizer=optimizer, **kw)
+    trainer_b.train(resume_from_checkpoint=str(ckpt))
+    assert opt_b.hift_position == opt_a.hift_position == 20
+    final_b = snapshot(model_b)
+    for name in final_a:
+        torch.testing.assert_close(final_b[name], final_a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_llama_causal_lm_bf16(tmp_path):
+    data = RandomData(24, 8, 100, "lm")
+    model, opt, _, trainer, steps = build(tiny_llama, data, tmp_path, bf16=True, max_steps=5,
+                                          lr_scheduler_type="constant")
+    assert steps == 5
+    names = [u for g in opt.groups for u in g.unit_names]
+    assert any("embed" in n for n in names[:1]) and any("lm_head" in n for n in names[-1:])
+    before = snapshot(model)
+    out = trainer.train()
+    assert math.isfinite(out.training_loss)
+    assert opt.hift_position == 5
+    after = snapshot(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, fp32 master weights
+    changed = {g.index for g in opt.groups
+               if any(not torch.equal(before[n], after[n]) for n in g.param_names if n in before)}
+    assert changed == {t % opt.num_groups for t in range(5)}
+
+
+def test_options_and_errors(tmp_path):
+    from hift_ext.integrations.transformers import create_hift_optimizer_and_scheduler
+
+    args = make_args(tmp_path, lr_scheduler_type="cosine", adam_beta1=0.8, adam_epsilon=1e-6)
+    m = tiny_bert()
+    opt, sched = create_hift_optimizer_and_scheduler(m, args, 10, group_size=2, strategy="up2down",
+                                                     amsgrad=True)
+    assert opt.defaults["betas"] == (0.8, 0.999) and opt.defaults["eps"] == 1e-6 and opt.defaults["amsgrad"]
+    assert opt.order[0] == opt.num_groups - 1
+    opt, _ = create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="sgd")
+    assert opt.defaults["momentum"] == 0.9
+    opt, _ = create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="adagrad")
+    assert type(opt).__name__ == "FusedHiFTAdaGrad"
+    with pytest.raises(ValueError, match="unknown HiFT optimizer"):
+        create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="lion")
