@@ -221,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train-examples", type=int, default=None)
     p.add_argument("--max-eval-examples", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: one per core]")
     p.add_argument("--sweep", action="store_true", help="file these runs under 'sweep'")
     p.add_argument("--rerun", action="store_true", help="rerun configs already in the JSON")
     p.add_argument("--out", default=None, help="JSON path [default: benchmarks/results/sst2-<device>.json]")
@@ -238,6 +239,8 @@ def main(argv=None) -> int:
         plot(result, png)
         print(fmt_table(result))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     common = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                   max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples)
     specs = [s.strip() for s in args.configs.replace("\n", ";").split(";") if s.strip()]

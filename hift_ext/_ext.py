@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
     "(or `./run.sh test`, which creates the venv and builds everything)"

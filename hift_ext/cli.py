@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help=f"[default: {d.seed}]")
     t.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch [default: one per core]; 1 is faster on a busy machine")
     r = f.add_argument_group("output")
     r.add_argument("--output", metavar="DIR", default=None,
                    help="write config.json, metrics.jsonl, metrics.json, loss.png, checkpoint/ and model/")
@@ -195,6 +197,7 @@ def _config_from_args(args) -> "TrainConfig":
             args.output = os.path.dirname(ck) if os.path.basename(os.path.normpath(ck)) == CKPT_DIR else ck
     cfg = TrainConfig(**{**base, **explicit})
     cfg.device = args.device
+    cfg.threads = args.threads
     cfg.output = args.output
     cfg.resume = args.resume
     cfg.overwrite = args.overwrite

@@ -16,7 +16,6 @@ The SST-2 split shipped inside the package is found with :func:`shipped_sst2`.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from dataclasses import dataclass

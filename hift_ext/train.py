@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -90,6 +90,7 @@ class TrainConfig:
     offload: Optional[bool] = None  # None: on when training on a GPU
     # -- run control (not part of the training configuration a resume must match)
     device: str = "auto"
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default, one per core)
     output: Optional[str] = None
     resume: Optional[str] = None
     overwrite: bool = False
@@ -183,6 +184,7 @@ def load_model_and_tokenizer(path: str, num_labels: int, label_map: Dict[str, in
         kw.update(id2label=id2label, label2id=dict(label_map))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()  # our own bar is the one that matters
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
     except Exception as exc:  # noqa: BLE001
@@ -384,6 +386,7 @@ def plot_loss(metrics_path: str, png_path: str, title: str) -> bool:
         ax2 = ax.twinx()
         ax2.plot(ev_steps, [100 * a for a in ev_acc], "o-", color="tab:orange", label="eval accuracy")
         ax2.set_ylabel("eval accuracy (%)")
+    fig.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
@@ -464,6 +467,8 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if not 0 <= cfg.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     device = _pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     ckpt_dir = None
     if cfg.resume is not None:

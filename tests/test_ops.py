@@ -501,3 +501,33 @@ def test_cpu_kernel_isa_is_reported():
     from hift_ext import _ext
 
     assert _ext._C.cpu_kernel_isa() in ("avx2", "generic")
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace under torch.compile(fullgraph=True) (Meta kernel + in-place schema) and
+    give the same result as eager."""
+    sizes = [10, 3]
+    p, g, m, v = ([torch.randn(n) for n in sizes] for _ in range(4))
+    v = [t.abs() for t in v]
+    s = _steps(2, 2, "cpu")
+    p2, m2, v2 = ([t.clone() for t in lst] for lst in (p, m, v))
+
+    def f(p, g, m, v, s):
+        ops.fused_adamw_(p, g, m, v, [], s, lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8,
+                         amsgrad=False, maximize=False)
+
+    torch.compile(f, fullgraph=True)(p, g, m, v, s)
+    f(p2, g, m2, v2, s)
+    for a, b in zip(p + m + v, p2 + m2 + v2):
+        assert torch.equal(a, b)
+
+
+def test_error_grad_mode_with_params_requiring_grad():
+    p = torch.nn.Parameter(torch.randn(3))
+    kw = dict(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False,
+              is_first_step=False)
+    with pytest.raises(RuntimeError, match=r"call it under torch.no_grad\(\)"):
+        ops.fused_sgd_([p], [torch.randn(3)], [], **kw)
+    with torch.no_grad():
+        ops.fused_sgd_([p], [torch.randn(3)], [], **kw)
+    assert p._version == 1

@@ -6,6 +6,7 @@
 #include "ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -252,6 +253,57 @@ void fused_sgd_view(c10::DispatchKeySet ks, at::TensorList params, at::TensorLis
   bump_versions(momentum_buffers);
 }
 
+// Autograd kernels (unboxed): optimizer updates are not differentiable. Registering them avoids
+// torch's boxed autograd fallback, which would copy every tensor of every list into IValues on
+// each call (measurable with thousands of tensors), and gives a clear error instead of a silent
+// in-place update of tensors autograd is tracking.
+void check_no_grad(const char* op, at::TensorList params) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& p : params) {
+    TORCH_CHECK(!p.defined() || !p.requires_grad(), op,
+                ": params require grad and grad mode is enabled; optimizer updates are not "
+                "differentiable, call it under torch.no_grad() (torch.optim optimizers do)");
+  }
+}
+
+void fused_adamw_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
+                          at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                          at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
+                          double beta1, double beta2, double weight_decay, double eps,
+                          bool amsgrad, bool maximize, const OptTensor& grad_scale,
+                          const OptTensor& found_inf) {
+  static const auto op = find_op<decltype(fused_adamw_)>("hift_ext::fused_adamw_");
+  check_no_grad("hift_ext::fused_adamw_", params);
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatch(ks & c10::after_autograd_keyset, params, grads, exp_avgs, exp_avg_sqs,
+                max_exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad,
+                maximize, grad_scale, found_inf);
+}
+
+void fused_adagrad_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
+                            at::TensorList state_sums, at::TensorList state_steps, double lr,
+                            double lr_decay, double weight_decay, double eps, bool maximize,
+                            const OptTensor& grad_scale, const OptTensor& found_inf) {
+  static const auto op = find_op<decltype(fused_adagrad_)>("hift_ext::fused_adagrad_");
+  check_no_grad("hift_ext::fused_adagrad_", params);
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatch(ks & c10::after_autograd_keyset, params, grads, state_sums, state_steps, lr,
+                lr_decay, weight_decay, eps, maximize, grad_scale, found_inf);
+}
+
+void fused_sgd_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
+                        at::TensorList momentum_buffers, double lr, double momentum,
+                        double dampening, bool nesterov, double weight_decay, bool maximize,
+                        bool is_first_step, const OptTensor& grad_scale,
+                        const OptTensor& found_inf) {
+  static const auto op = find_op<decltype(fused_sgd_)>("hift_ext::fused_sgd_");
+  check_no_grad("hift_ext::fused_sgd_", params);
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatch(ks & c10::after_autograd_keyset, params, grads, momentum_buffers, lr, momentum,
+                dampening, nesterov, weight_decay, maximize, is_first_step, grad_scale,
+                found_inf);
+}
+
 }  // namespace
 }  // namespace optim
 }  // namespace hift_ext
@@ -286,6 +338,12 @@ HIFT_REGISTER_IMPLS(SparseCPU)
 HIFT_REGISTER_IMPLS(SparseCUDA)
 // Meta (and so FakeTensor / torch.compile tracing): validation only, nothing to compute.
 HIFT_REGISTER_IMPLS(Meta)
+
+TORCH_LIBRARY_IMPL(hift_ext, Autograd, m) {
+  m.impl("fused_adamw_", TORCH_FN(hift_ext::optim::fused_adamw_autograd));
+  m.impl("fused_adagrad_", TORCH_FN(hift_ext::optim::fused_adagrad_autograd));
+  m.impl("fused_sgd_", TORCH_FN(hift_ext::optim::fused_sgd_autograd));
+}
 
 TORCH_LIBRARY_IMPL(hift_ext, ADInplaceOrView, m) {
   m.impl("fused_adamw_", TORCH_FN(hift_ext::optim::fused_adamw_view));
