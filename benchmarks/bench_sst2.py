@@ -160,6 +160,8 @@ def compare(result: dict) -> dict:
 def fmt_table(result: dict) -> str:
     rows = [("run", "lr", "groups", "dev acc", "acc/epoch", "ex/s", "train time", "opt state (dev)")]
     for r in result.get("runs", []) + result.get("sweep", []):
+        if r.get("partial") or "mode" not in r:
+            continue  # partial runs are kept in the JSON only
         hist = " ".join(f"{100 * e['eval_accuracy']:.1f}" for e in r.get("eval_history") or [])
         groups = "-" if r["mode"] == "full" else f"{r['num_groups']}x{r['group_size']} {r['strategy']}"
         rows.append((r["name"] + (" (sweep)" if r in result.get("sweep", []) else ""), f"{r['lr']:g}", groups,
@@ -178,7 +180,7 @@ def plot(result: dict, png: str) -> None:
     except ImportError:
         print("bench_sst2: matplotlib missing, no PNG", file=sys.stderr)
         return
-    runs = result.get("runs", [])
+    runs = result.get("runs", []) + [r for r in result.get("sweep", []) if "mode" in r and not r.get("partial")]
     if not runs:
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))

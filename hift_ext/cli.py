@@ -276,13 +276,14 @@ def cmd_finetune(args) -> int:
 
 # --------------------------------------------------------------------------------------- bench
 def find_benchmarks_dir(explicit: Optional[str] = None) -> Optional[str]:
-    cands: List[str] = []
-    if explicit:
-        cands.append(explicit)
-    if os.environ.get("HIFT_EXT_BENCHMARKS"):
+    # An explicit --dir is the only candidate: falling back to the repository's benchmarks would run
+    # every (long) benchmark when the user named a wrong folder.
+    cands: List[str] = [explicit] if explicit else []
+    if not explicit and os.environ.get("HIFT_EXT_BENCHMARKS"):
         cands.append(os.environ["HIFT_EXT_BENCHMARKS"])
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cands += [os.path.join(pkg_root, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")]
+    if not explicit:
+        cands += [os.path.join(pkg_root, "benchmarks"), os.path.join(os.getcwd(), "benchmarks")]
     for c in cands:
         if os.path.isdir(c) and any(n.startswith("bench_") and n.endswith(".py") for n in os.listdir(c)):
             return os.path.abspath(c)

@@ -50,7 +50,7 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # Default learning rates (tuned on SST-2 with MiniLM, see benchmarks/bench_sst2.py and the README).
 # HiFT updates each group once every k steps, so it wants a larger step than full fine-tuning.
 DEFAULT_LR = {
-    ("hift", "adamw"): 3e-4,
+    ("hift", "adamw"): 2e-4,
     ("full", "adamw"): 5e-5,
     ("hift", "adagrad"): 3e-3,
     ("full", "adagrad"): 1e-3,
