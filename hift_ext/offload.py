@@ -128,7 +128,8 @@ class OffloadEngine:
         self._impl.release(int(g))
 
     def flush(self, g: int) -> None:
-        """Start writing a resident group's state back while it stays on the device."""
+        """Write a resident group's state back to the host store and keep it on the device; returns
+        once the copy has read the device buffers, so later updates cannot race it."""
         self._impl.flush(int(g))
 
     def host_tensors(self, g: int) -> list[torch.Tensor]:

@@ -439,7 +439,10 @@ void Engine::release(int64_t g) {
 void Engine::flush(int64_t g) {
   std::unique_lock<std::mutex> lk(mu_);
   auto& r = rec_locked(g, "flush");
-  if (r.state == GroupRec::kResident) issue_writeback_locked(g, r, /*keep_resident=*/true);
+  // The group stays resident, so the next update kernels may overwrite r.device: wait until the
+  // D2H copy has read it, or the host store could mix old and new state.
+  if (r.state == GroupRec::kResident)
+    wait_rethrow(lk, issue_writeback_locked(g, r, /*keep_resident=*/true), "flush");
 }
 
 std::vector<at::Tensor> Engine::host_tensors(int64_t g) {
