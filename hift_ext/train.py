@@ -81,7 +81,7 @@ class TrainConfig:
     max_length: int = 64
     max_grad_norm: float = 1.0  # 0 disables clipping
     scheduler: str = "linear"
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = 0.0  # transformers' default; with HiFT's delayed LR any warmup zeroes the whole first cycle
     seed: int = 0
     bf16: bool = False
     max_steps: Optional[int] = None  # total optimizer steps (overrides epochs, defines the LR horizon)
