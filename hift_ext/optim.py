@@ -153,6 +153,18 @@ class _FusedOptimizer(Optimizer):
             ).clone()
         return step
 
+    def _step_counters(self, params: list[Tensor], steps: list[Tensor]) -> Tensor:
+        """One flat float32 tensor whose elements ARE these parameters' step tensors (each
+        state["step"] becomes a 0-dim view of it), so a step bumps every counter with ONE add_:
+        torch._foreach_add_ on 2,000 scalar tensors costs ~4 ms on CPU, more than the update.
+        Values are unchanged; a different set of parameters (or a load) just re-flattens."""
+        flat = steps[0]._base
+        if flat is None or flat.numel() != len(steps) or any(st._base is not flat for st in steps):
+            flat = torch.stack([st.detach() for st in steps])
+            for i, p in enumerate(params):
+                self.state[p]["step"] = steps[i] = flat[i]
+        return flat
+
     def _ensure_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if len(state) == 0:
@@ -340,7 +352,8 @@ class FusedAdamW(_FusedOptimizer):
                 max_sqs.append(state["max_exp_avg_sq"])
             steps.append(self._fix_step(state, p))
         beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
+        counters = self._step_counters(params, steps)
+        counters.add_(1)
         _ops().fused_adamw_(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
             lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
@@ -349,7 +362,7 @@ class FusedAdamW(_FusedOptimizer):
             grad_scale=grad_scale, found_inf=found_inf,
         )
         if found_inf is not None:  # an overflow leaves the step counts unchanged too
-            torch._foreach_sub_(steps, [found_inf] * len(steps))
+            counters.sub_(found_inf.reshape(()))
 
 
 # =============================================================================================
@@ -421,7 +434,8 @@ class FusedAdaGrad(_FusedOptimizer):
             state = self._ensure_state(p, group)
             sums.append(state["sum"])
             steps.append(self._fix_step(state, p))
-        torch._foreach_add_(steps, 1)
+        counters = self._step_counters(params, steps)
+        counters.add_(1)
         _ops().fused_adagrad_(
             params, grads, sums, steps,
             lr=_scalar(group["lr"]), lr_decay=_scalar(group["lr_decay"]),
@@ -430,7 +444,7 @@ class FusedAdaGrad(_FusedOptimizer):
             grad_scale=grad_scale, found_inf=found_inf,
         )
         if found_inf is not None:
-            torch._foreach_sub_(steps, [found_inf] * len(steps))
+            counters.sub_(found_inf.reshape(()))
 
 
 # =============================================================================================
