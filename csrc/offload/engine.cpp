@@ -608,7 +608,7 @@ void Engine::finish(const std::shared_ptr<Task>& t) {
   cv_.notify_all();
 }
 
-void Engine::acquire_slot(const std::shared_ptr<Task>& t) {
+void* Engine::acquire_slot(const std::shared_ptr<Task>& t) {
   std::shared_ptr<Task> prev;
   {
     std::unique_lock<std::mutex> lk(mu_);
@@ -649,6 +649,11 @@ void Engine::acquire_slot(const std::shared_ptr<Task>& t) {
     s.cap = want;
     s.pinned = pinned;
   }
+  // Claim the slot for t: debug checks compare the tag and the writing flag at every stage.
+  std::lock_guard<std::mutex> lk(mu_);
+  s.tag = t->id;
+  s.writing = true;
+  return s.buf.defined() ? s.buf.data_ptr() : nullptr;
 }
 
 void Engine::run_h2d(const std::shared_ptr<Task>& t) {
@@ -661,16 +666,9 @@ void Engine::run_h2d(const std::shared_ptr<Task>& t) {
       if (after->error) std::rethrow_exception(after->error);
     }
   }
-  acquire_slot(t);
+  void* slot_ptr = acquire_slot(t);
   Slot& s = slots_[static_cast<size_t>(t->slot)];
   const int64_t n = t->nbytes;
-  void* slot_ptr;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    slot_ptr = s.buf.defined() ? s.buf.data_ptr() : nullptr;
-    s.tag = t->id;
-    s.writing = true;
-  }
   debug_pause();
   host_copy(slot_ptr, t->host.data_ptr(), n);  // stage 1: host store -> slot
   if (debug_) t->checksum = checksum(slot_ptr, n);
@@ -713,16 +711,9 @@ void Engine::run_h2d(const std::shared_ptr<Task>& t) {
 }
 
 void Engine::run_d2h(const std::shared_ptr<Task>& t) {
-  acquire_slot(t);
+  void* slot_ptr = acquire_slot(t);
   Slot& s = slots_[static_cast<size_t>(t->slot)];
   const int64_t n = t->nbytes;
-  void* slot_ptr;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    slot_ptr = s.buf.defined() ? s.buf.data_ptr() : nullptr;
-    s.tag = t->id;
-    s.writing = true;
-  }
   debug_pause();
   if (is_cuda_) {
 #ifdef HIFT_EXT_WITH_CUDA

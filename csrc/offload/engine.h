@@ -146,7 +146,7 @@ class Engine {
 
   void worker_loop(std::deque<std::shared_ptr<Task>>* q);
   void run_task(const std::shared_ptr<Task>& t);
-  void acquire_slot(const std::shared_ptr<Task>& t);  // waits for the previous user, grows the slot
+  void* acquire_slot(const std::shared_ptr<Task>& t);  // waits for the previous user, grows, claims; slot data
   void run_h2d(const std::shared_ptr<Task>& t);
   void run_d2h(const std::shared_ptr<Task>& t);
   void finish(const std::shared_ptr<Task>& t);
