@@ -26,6 +26,7 @@ state stays on the parameters' device.
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -74,12 +75,41 @@ def _check_param(p: Tensor, owner: str) -> None:
         raise TypeError(f"{owner}: sparse parameters are not supported; use a dense parameter")
 
 
+class _DeviceShare:
+    """The parameters of one param group on one device, as the kernel call takes them."""
+
+    __slots__ = ("index", "params", "dicts", "steps", "counters")
+
+    def __init__(self, index, params, dicts, steps, counters) -> None:
+        self.index = index  # positions in the group's updated list (None: all of them)
+        self.params = params
+        self.dicts = dicts  # the parameters' state dicts (never their tensors: offload swaps them)
+        self.steps = steps  # state["step"] of each parameter: 0-dim views of counters
+        self.counters = counters
+
+
+class _GroupPlan:
+    """What one param group's update needs that rarely changes, kept between steps: the per-step
+    Python work on thousands of parameters would otherwise cost more than the update itself."""
+
+    __slots__ = ("group", "params", "state", "n_state", "keys", "shares")
+
+    def __init__(self, group, params, state, n_state, keys, shares) -> None:
+        self.group = group
+        self.params = list(params)
+        self.state = state
+        self.n_state = n_state
+        self.keys = keys
+        self.shares = shares
+
+
 class _FusedOptimizer(Optimizer):
     """Shared machinery: parameter validation, the per-(group, device) op call, AMP, step fix-ups.
 
     Subclasses implement ``_init_state(p, group)`` (creates the per-parameter state exactly as the
-    torch.optim counterpart would) and ``_apply(group, params, grads, grad_scale, found_inf)`` (calls
-    one kernel for one device).
+    torch.optim counterpart would), ``_state_keys(group)`` (the state tensors the kernel takes) and
+    ``_apply(group, params, grads, states, steps, counters, grad_scale, found_inf)`` (calls one
+    kernel for one device; ``states`` holds one list per state key).
     """
 
     _step_supports_amp_scaling = True
@@ -111,16 +141,20 @@ class _FusedOptimizer(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:  # pragma: no cover
+    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:  # pragma: no cover
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- helpers
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters with a gradient (others are skipped, as in torch) and their gradients."""
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        for p in group["params"]:
-            g = p.grad
+        params = group["params"]
+        grads = [p.grad for p in params]
+        # The usual case costs one cheap pass: every gradient present, dense and contiguous.
+        if all([g is not None and not g.is_sparse and g.is_contiguous() for g in grads]):
+            return params, grads
+        kept_params: list[Tensor] = []
+        kept_grads: list[Tensor] = []
+        for p, g in zip(params, grads):
             if g is None:
                 continue
             if g.is_sparse:
@@ -129,17 +163,19 @@ class _FusedOptimizer(Optimizer):
                     f"{tuple(p.shape)}); use torch.optim.SparseAdam or a dense embedding "
                     "(nn.Embedding(sparse=False))"
                 )
+            kept_params.append(p)
+            kept_grads.append(g.contiguous())  # read only by the kernel
+        return kept_params, kept_grads
+
+    @staticmethod
+    def _check_contiguous(owner: str, params: list[Tensor]) -> None:
+        for p in params:
             if not p.is_contiguous():
                 raise RuntimeError(
-                    f"{type(self).__name__}: parameter of shape {tuple(p.shape)} and strides "
-                    f"{p.stride()} is not contiguous; the fused kernels need contiguous parameters "
-                    "(replace it with p.data = p.data.contiguous() before building the optimizer)"
+                    f"{owner}: parameter of shape {tuple(p.shape)} and strides {p.stride()} is not "
+                    "contiguous; the fused kernels need contiguous parameters (replace it with "
+                    "p.data = p.data.contiguous() before building the optimizer)"
                 )
-            if not g.is_contiguous():
-                g = g.contiguous()  # read only by the kernel
-            params.append(p)
-            grads.append(g)
-        return params, grads
 
     def _fix_step(self, state: dict[str, Any], p: Tensor) -> Tensor:
         """Steps live on the parameter's device as float32 scalars (a CPU step from torch.optim
@@ -153,43 +189,66 @@ class _FusedOptimizer(Optimizer):
             ).clone()
         return step
 
-    def _step_counters(self, params: list[Tensor], steps: list[Tensor]) -> Tensor:
-        """One flat float32 tensor whose elements ARE these parameters' step tensors (each
-        state["step"] becomes a 0-dim view of it), so a step bumps every counter with ONE add_:
-        torch._foreach_add_ on 2,000 scalar tensors costs ~4 ms on CPU, more than the update.
-        Values are unchanged; a different set of parameters (or a load) just re-flattens."""
-        flat = steps[0]._base
-        if flat is None or flat.numel() != len(steps) or any(st._base is not flat for st in steps):
-            flat = torch.stack([st.detach() for st in steps])
-            for i, p in enumerate(params):
-                self.state[p]["step"] = steps[i] = flat[i]
-        return flat
-
-    def _ensure_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """p's state, created on its first update as the torch.optim counterpart would."""
         state = self.state[p]
         if len(state) == 0:
             self._init_state(p, group)
         return state
 
-    @staticmethod
-    def _by_device(params: list[Tensor], grads: list[Tensor]):
-        out: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-        for p, g in zip(params, grads):
-            ps, gs = out.setdefault(p.device, ([], []))
-            ps.append(p)
-            gs.append(g)
-        return out.items()
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The per-parameter state tensors _apply receives, as lists, in this order."""
+        return ()
 
-    def _amp_tensors(self, grad_scale, found_inf):
-        if grad_scale is None:
-            grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is None:
-            found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and not isinstance(found_inf, Tensor):
-            found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
-        if grad_scale is not None and not isinstance(grad_scale, Tensor):
-            grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
-        return grad_scale, found_inf
+    def _build_plan(self, group: dict[str, Any], params: list[Tensor], keys: tuple[str, ...]) -> _GroupPlan:
+        self._check_contiguous(type(self).__name__, params)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        shares = []
+        for index in by_device.values():
+            ps = [params[i] for i in index]
+            # (an optimizer without per-parameter tensors, e.g. SGD, leaves self.state alone, as torch)
+            dicts = [self._prepare_state(p, group) for p in ps] if keys or self._uses_steps else []
+            steps = counters = None
+            if self._uses_steps:
+                # One flat float32 tensor whose elements ARE these parameters' step tensors (each
+                # state["step"] becomes a 0-dim view of it), so a step bumps every counter with ONE
+                # add_: torch._foreach_add_ on 2,000 scalars costs ~4 ms on CPU, more than the
+                # update. The values are unchanged.
+                counters = torch.stack([self._fix_step(d, p).detach() for d, p in zip(dicts, ps)])
+                steps = [counters[i] for i in range(len(ps))]
+                for d, st in zip(dicts, steps):
+                    d["step"] = st
+            shares.append(_DeviceShare(None if len(by_device) == 1 else index, ps, dicts, steps, counters))
+        return _GroupPlan(group, params, self.state, len(self.state), keys, shares)
+
+    def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _GroupPlan:
+        """The cached plan of this group's update, rebuilt when anything it depends on changed:
+        the parameters being updated, the state mapping (load_state_dict replaces it; deleting
+        or adding entries changes its length), the state keys (amsgrad toggled) or a step tensor
+        replaced. The state tensors themselves are read from the state dicts at every step, so
+        swapping them (offload, user code) needs no rebuild."""
+        plans = self.__dict__.setdefault("_plans", {})
+        keys = self._state_keys(group)
+        plan = plans.get(id(group))
+        if (
+            plan is None
+            or plan.group is not group
+            or plan.state is not self.state
+            or plan.n_state != len(self.state)
+            or plan.keys != keys
+            or len(plan.params) != len(params)
+            or not all(map(operator.is_, plan.params, params))
+            or (
+                self._uses_steps
+                and not all(
+                    all(map(operator.is_, [d["step"] for d in s.dicts], s.steps)) for s in plan.shares
+                )
+            )
+        ):
+            plan = plans[id(group)] = self._build_plan(group, params, keys)
+        return plan
 
     @staticmethod
     def _on(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
@@ -205,13 +264,29 @@ class _FusedOptimizer(Optimizer):
         params, grads = self._collect(group)
         if not params:
             return 0
+        plan = self._plan(group, params)
         gs_cache: dict = {}
         fi_cache: dict = {}
-        for device, (ps, gs) in self._by_device(params, grads):
+        for share in plan.shares:
+            device = share.params[0].device
+            gs = grads if share.index is None else [grads[i] for i in share.index]
+            states = [[d[k] for d in share.dicts] for k in plan.keys]
             self._apply(
-                group, ps, gs, self._on(grad_scale, device, gs_cache), self._on(found_inf, device, fi_cache)
+                group, share.params, gs, states, share.steps, share.counters,
+                self._on(grad_scale, device, gs_cache), self._on(found_inf, device, fi_cache),
             )
         return len(params)
+
+    def _amp_tensors(self, grad_scale, found_inf):
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            found_inf = torch.tensor(float(found_inf), dtype=torch.float32)
+        if grad_scale is not None and not isinstance(grad_scale, Tensor):
+            grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32)
+        return grad_scale, found_inf
 
     # ----------------------------------------------------------------------------- public API
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale=None, found_inf=None):
@@ -339,20 +414,22 @@ class FusedAdamW(_FusedOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:
+    def _prepare_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = super()._prepare_state(p, group)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on after a load
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:
         amsgrad = bool(group["amsgrad"])
-        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
-        for p in params:
-            state = self._ensure_state(p, group)
-            if amsgrad and "max_exp_avg_sq" not in state:  # amsgrad switched on after a load
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if amsgrad:
-                max_sqs.append(state["max_exp_avg_sq"])
-            steps.append(self._fix_step(state, p))
+        exp_avgs, exp_avg_sqs = states[0], states[1]
+        max_sqs = states[2] if amsgrad else []
         beta1, beta2 = group["betas"]
-        counters = self._step_counters(params, steps)
         counters.add_(1)
         _ops().fused_adamw_(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
@@ -428,16 +505,13 @@ class FusedAdaGrad(_FusedOptimizer):
             p, group["initial_accumulator_value"], memory_format=torch.preserve_format
         )
 
-    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:
-        sums, steps = [], []
-        for p in params:
-            state = self._ensure_state(p, group)
-            sums.append(state["sum"])
-            steps.append(self._fix_step(state, p))
-        counters = self._step_counters(params, steps)
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:
         counters.add_(1)
         _ops().fused_adagrad_(
-            params, grads, sums, steps,
+            params, grads, states[0], steps,
             lr=_scalar(group["lr"]), lr_decay=_scalar(group["lr_decay"]),
             weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]),
             maximize=bool(group["maximize"]),
@@ -505,7 +579,7 @@ class FusedSGD(_FusedOptimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         pass  # the momentum buffer is created by the first update (torch clones d_p)
 
-    def _apply(self, group, params, grads, grad_scale, found_inf) -> None:
+    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:
         momentum = _scalar(group["momentum"])
         kw = dict(
             lr=_scalar(group["lr"]), momentum=momentum, dampening=_scalar(group["dampening"]),

@@ -161,6 +161,53 @@ def test_params_without_grad_are_skipped(name):
     assert opt.state[ps[2]].keys() == opt_ref.state[ref[2]].keys()
 
 
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_state_edits_between_steps_are_seen_like_torch(name):
+    """The per-group plan kept between steps must follow whatever changes between them: which
+    parameters have grads, state tensors replaced, a step count rewritten, an entry deleted
+    (restarts that parameter's state), the whole state reset, a state_dict loaded."""
+    torch_cls, ours = PAIRS[name]
+    kw = {"momentum": 0.9, "lr": 0.01} if name == "sgd" else {}
+    ps = make_params(SHAPES)
+    ref = clone_params(ps)
+    opt, opt_ref = ours(ps, **kw), torch_cls(ref, **kw)
+
+    def both(fn):
+        fn(opt, ps)
+        fn(opt_ref, ref)
+
+    def steps(first, n, only=None):
+        for t in range(first, first + n):
+            set_grads(ps, t)
+            set_grads(ref, t)
+            for i in range(len(ps)):
+                if only is not None and i not in only:
+                    ps[i].grad = ref[i].grad = None
+            opt.step()
+            opt_ref.step()
+
+    key = {"adamw": "exp_avg", "adagrad": "sum", "sgd": "momentum_buffer"}[name]
+    steps(0, 3)
+    steps(3, 2, only={0, 2, 4})  # a different set of parameters with grads
+    steps(5, 2)
+    both(lambda o, p: o.state[p[1]].__setitem__(key, o.state[p[1]][key] * 0.5))  # replaced tensor
+    steps(7, 2)
+    if name != "sgd":
+        both(lambda o, p: o.state[p[3]].__setitem__("step", torch.tensor(50.0)))  # step rewritten
+        steps(9, 2)
+    if name != "adagrad":  # torch's Adagrad cannot restart a deleted entry; the others re-create it
+        both(lambda o, p: o.state.__delitem__(p[2]))
+        steps(11, 2)
+    both(lambda o, p: o.load_state_dict(copy.deepcopy(o.state_dict())))
+    steps(13, 2)
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+    for p, r in zip(ps, ref):
+        assert opt.state[p].keys() == opt_ref.state[r].keys()
+        for k, v in opt_ref.state[r].items():
+            torch.testing.assert_close(opt.state[p][k].float(), v.float(), rtol=1e-5, atol=2e-6)
+
+
 def test_one_op_call_per_group_with_mixed_dtypes(monkeypatch):
     from hift_ext import ops
 
