@@ -172,6 +172,7 @@ def fmt_table(result: dict) -> str:
 
 
 def plot(result: dict, png: str) -> None:
+    """Main runs: accuracy bars and accuracy-vs-time curves; the sweep: one sorted bar per setting."""
     try:
         import matplotlib
 
@@ -180,31 +181,44 @@ def plot(result: dict, png: str) -> None:
     except ImportError:
         print("bench_sst2: matplotlib missing, no PNG", file=sys.stderr)
         return
-    runs = result.get("runs", []) + [r for r in result.get("sweep", []) if "mode" in r and not r.get("partial")]
-    if not runs:
+    done = lambda r: "mode" in r and not r.get("partial")  # noqa: E731
+    runs = [r for r in result.get("runs", []) if done(r)]
+    sweep = [r for r in result.get("sweep", []) if done(r)]
+    if not runs and not sweep:
         return
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["name"] for r in runs]
-    accs = [100 * r["eval_accuracy"] for r in runs]
-    colors = ["tab:gray" if r["mode"] == "full" else "tab:blue" for r in runs]
-    bars = a1.bar(names, accs, color=colors)
-    for b, r in zip(bars, runs):
-        a1.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.2,
-                f"{b.get_height():.1f}%\n{r['train_examples_per_s']:.0f} ex/s", ha="center", fontsize=8)
-    lo = min(accs) - 5
-    a1.set_ylim(max(0, lo), min(100, max(accs) + 3))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1, 1.2, 1.6]})
+    color = lambda r: "tab:gray" if r["mode"] == "full" else "tab:blue"  # noqa: E731
+    if runs:
+        accs = [100 * r["eval_accuracy"] for r in runs]
+        bars = a1.bar([r["name"] for r in runs], accs, color=[color(r) for r in runs])
+        for b, r in zip(bars, runs):
+            a1.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.2,
+                    f"{b.get_height():.1f}%\n{r['train_examples_per_s']:.0f} ex/s", ha="center", fontsize=8)
+        a1.set_ylim(max(0, min(accs) - 5), min(100, max(accs) + 3))
+        a1.set_title(f"defaults, equal epochs ({runs[0].get('epochs')})")
+        a1.tick_params(axis="x", labelsize=8)
+        for r in runs:
+            h = r.get("eval_history") or []
+            if h:
+                a2.plot([e["elapsed_s"] / 60 for e in h], [100 * e["eval_accuracy"] for e in h], "o-",
+                        label=r["name"], color=color(r) if r["mode"] == "full" else None)
+        a2.legend(fontsize=8)
     a1.set_ylabel("SST-2 dev accuracy (%)")
-    ep = runs[0].get("epochs")
-    a1.set_title(f"equal epochs ({ep}): accuracy and training examples/s")
-    a1.tick_params(axis="x", labelsize=8)
-    for r in runs:
-        h = r.get("eval_history") or []
-        if h:
-            a2.plot([e["elapsed_s"] / 60 for e in h], [100 * e["eval_accuracy"] for e in h], "o-", label=r["name"])
     a2.set_xlabel("training time (min)")
     a2.set_ylabel("dev accuracy after each epoch (%)")
     a2.set_title("accuracy vs wall-clock training time")
-    a2.legend(fontsize=8)
+    if sweep:
+        sweep = sorted(sweep, key=lambda r: r["eval_accuracy"])
+        a3.barh(range(len(sweep)), [100 * r["eval_accuracy"] for r in sweep], color=[color(r) for r in sweep])
+        a3.set_yticks(range(len(sweep)), [r["name"] for r in sweep], fontsize=7)
+        lo = min(100 * r["eval_accuracy"] for r in sweep)
+        a3.set_xlim(max(0, lo - 3), 100 * max(r["eval_accuracy"] for r in sweep) + 1.5)
+        for i, r in enumerate(sweep):
+            a3.text(100 * r["eval_accuracy"] + 0.1, i, f"{100 * r['eval_accuracy']:.1f}", va="center", fontsize=7)
+        a3.set_xlabel("dev accuracy (%)")
+        a3.set_title("sweep (every setting tried)")
+    else:
+        a3.axis("off")
     env = result.get("environment", {})
     fig.suptitle(f"all-MiniLM-L6-v2 on SST-2, {env.get('device', '?')}, torch {env.get('torch', '?')}",
                  fontsize=10)

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     gr = sub.add_parser("groups", help="print a model's HiFT layer groups (describe_groups)")
     gr.add_argument("--model", metavar="PATH", default=None,
                     help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
-    gr.add_argument("--group-size", type=_positive_int, default=1, metavar="M")
+    gr.add_argument("--group-size", type=_positive_int, default=d.group_size, metavar="M",
+                    help="layer units per group [default: finetune's, %(default)s]")
     return p
 
 
