@@ -227,7 +227,7 @@ class _FusedOptimizer(Optimizer):
         """The cached plan of this group's update, rebuilt when anything it depends on changed:
         the parameters being updated, the state mapping (load_state_dict replaces it; deleting
         or adding entries changes its length), the state keys (amsgrad toggled) or a step tensor
-        replaced. The state tensors themselves are read from the state dicts at every step, so
+        replaced or gone (a cleared per-parameter dict restarts that parameter, as in torch). The state tensors themselves are read from the state dicts at every step, so
         swapping them (offload, user code) needs no rebuild."""
         plans = self.__dict__.setdefault("_plans", {})
         keys = self._state_keys(group)
@@ -243,7 +243,7 @@ class _FusedOptimizer(Optimizer):
             or (
                 self._uses_steps
                 and not all(
-                    all(map(operator.is_, [d["step"] for d in s.dicts], s.steps)) for s in plan.shares
+                    all(map(operator.is_, [d.get("step") for d in s.dicts], s.steps)) for s in plan.shares
                 )
             )
         ):

@@ -198,8 +198,10 @@ def test_state_edits_between_steps_are_seen_like_torch(name):
     if name != "adagrad":  # torch's Adagrad cannot restart a deleted entry; the others re-create it
         both(lambda o, p: o.state.__delitem__(p[2]))
         steps(11, 2)
+        both(lambda o, p: o.state[p[4]].clear())  # an emptied entry restarts too
+        steps(13, 2)
     both(lambda o, p: o.load_state_dict(copy.deepcopy(o.state_dict())))
-    steps(13, 2)
+    steps(15, 2)
     for a, b in zip(ps, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
     for p, r in zip(ps, ref):
