@@ -108,8 +108,9 @@ class _FusedOptimizer(Optimizer):
 
     Subclasses implement ``_init_state(p, group)`` (creates the per-parameter state exactly as the
     torch.optim counterpart would), ``_state_keys(group)`` (the state tensors the kernel takes) and
-    ``_apply(group, params, grads, states, steps, counters, grad_scale, found_inf)`` (calls one
-    kernel for one device; ``states`` holds one list per state key).
+    ``_apply(group, params, grads, states, steps, grad_scale, found_inf)`` (calls one kernel for
+    one device; ``states`` holds one list per state key, ``steps`` the already incremented step
+    tensors, which this class counts).
     """
 
     _step_supports_amp_scaling = True
@@ -141,7 +142,7 @@ class _FusedOptimizer(Optimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:  # pragma: no cover
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:  # pragma: no cover
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- helpers
@@ -227,8 +228,9 @@ class _FusedOptimizer(Optimizer):
         """The cached plan of this group's update, rebuilt when anything it depends on changed:
         the parameters being updated, the state mapping (load_state_dict replaces it; deleting
         or adding entries changes its length), the state keys (amsgrad toggled) or a step tensor
-        replaced or gone (a cleared per-parameter dict restarts that parameter, as in torch). The state tensors themselves are read from the state dicts at every step, so
-        swapping them (offload, user code) needs no rebuild."""
+        replaced or gone (a cleared per-parameter dict restarts that parameter, as in torch). The
+        state tensors themselves are read from the state dicts at every step, so swapping them
+        (offload, user code) needs no rebuild."""
         plans = self.__dict__.setdefault("_plans", {})
         keys = self._state_keys(group)
         plan = plans.get(id(group))
@@ -271,10 +273,14 @@ class _FusedOptimizer(Optimizer):
             device = share.params[0].device
             gs = grads if share.index is None else [grads[i] for i in share.index]
             states = [[d[k] for d in share.dicts] for k in plan.keys]
+            inf = self._on(found_inf, device, fi_cache)
+            if share.counters is not None:
+                share.counters.add_(1)  # the kernels read the step number of this update
             self._apply(
-                group, share.params, gs, states, share.steps, share.counters,
-                self._on(grad_scale, device, gs_cache), self._on(found_inf, device, fi_cache),
+                group, share.params, gs, states, share.steps, self._on(grad_scale, device, gs_cache), inf
             )
+            if share.counters is not None and inf is not None:
+                share.counters.sub_(inf)  # an overflow leaves the step counts unchanged too
         return len(params)
 
     def _amp_tensors(self, grad_scale, found_inf):
@@ -425,12 +431,11 @@ class FusedAdamW(_FusedOptimizer):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:
         amsgrad = bool(group["amsgrad"])
         exp_avgs, exp_avg_sqs = states[0], states[1]
         max_sqs = states[2] if amsgrad else []
         beta1, beta2 = group["betas"]
-        counters.add_(1)
         _ops().fused_adamw_(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
             lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
@@ -438,8 +443,6 @@ class FusedAdamW(_FusedOptimizer):
             amsgrad=amsgrad, maximize=bool(group["maximize"]),
             grad_scale=grad_scale, found_inf=found_inf,
         )
-        if found_inf is not None:  # an overflow leaves the step counts unchanged too
-            counters.sub_(found_inf.reshape(()))
 
 
 # =============================================================================================
@@ -508,8 +511,7 @@ class FusedAdaGrad(_FusedOptimizer):
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
-    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:
-        counters.add_(1)
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:
         _ops().fused_adagrad_(
             params, grads, states[0], steps,
             lr=_scalar(group["lr"]), lr_decay=_scalar(group["lr_decay"]),
@@ -517,8 +519,6 @@ class FusedAdaGrad(_FusedOptimizer):
             maximize=bool(group["maximize"]),
             grad_scale=grad_scale, found_inf=found_inf,
         )
-        if found_inf is not None:
-            counters.sub_(found_inf.reshape(()))
 
 
 # =============================================================================================
@@ -579,7 +579,7 @@ class FusedSGD(_FusedOptimizer):
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         pass  # the momentum buffer is created by the first update (torch clones d_p)
 
-    def _apply(self, group, params, grads, states, steps, counters, grad_scale, found_inf) -> None:
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:
         momentum = _scalar(group["momentum"])
         kw = dict(
             lr=_scalar(group["lr"]), momentum=momentum, dampening=_scalar(group["dampening"]),
