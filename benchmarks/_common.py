@@ -35,12 +35,22 @@ def device_name(device: str) -> str:
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
-def device_tag(device: str) -> str:
-    """Short tag used in result file names: 'cpu' or 'cuda'."""
-    return "cuda" if device.startswith("cuda") else "cpu"
+def device_tag(device) -> str:
+    """Short tag used in result file names: 'cpu', the card ('h100', 'h200', ...) or 'cuda'."""
+    device = str(device)
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device)).lower()
+    for key in ("h200", "h100", "a100", "a6000", "l40", "l4", "a10", "4090", "3090", "v100", "t4"):
+        if key in name:
+            return key
+    return "cuda"
 
 
 def git_commit() -> str:
+    """HEAD (+ "-dirty"); HIFT_GIT_COMMIT names it where the tree has no .git (the GPU machine's copy)."""
+    if os.environ.get("HIFT_GIT_COMMIT"):
+        return os.environ["HIFT_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -51,7 +61,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment(device: str) -> dict:
+def environment(device) -> dict:
+    device = str(device)
     env = {
         "device": device_name(device),
         "device_type": device_tag(device),

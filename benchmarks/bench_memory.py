@@ -258,51 +258,15 @@ def _state_device_bytes(opt, device) -> int:
 
 
 # ------------------------------------------------------------------------------------ output
-def _common():
-    try:
-        import _common  # benchmarks/_common.py (device name, torch version, git commit, JSON)
-
-        return _common
-    except Exception:
-        return None
-
-
-def _env(device: torch.device) -> dict:
-    import subprocess
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"device": name, "torch": torch.__version__, "commit": commit}
-
-
-def _tag(device: torch.device) -> str:
-    if device.type == "cpu":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for key in ("h200", "h100", "a100", "l40", "a10", "4090", "3090"):
-        if key in name:
-            return key
-    return "cuda"
-
-
 def write_results(rows: list[dict], device: torch.device, out_dir: str, name: str = "memory") -> str:
     import json
 
+    import _common  # benchmarks/_common.py: device tag, environment stamp (torch, git commit)
+
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}-{_tag(device)}.json")
-    com = _common()
-    meta = _env(device)
-    if com is not None and hasattr(com, "environment"):
-        try:
-            meta = com.environment()
-        except Exception:
-            pass
+    path = os.path.join(out_dir, f"{name}-{_common.device_tag(device)}.json")
     with open(path, "w") as f:
-        json.dump({"benchmark": name, **meta, "rows": rows}, f, indent=1)
+        json.dump({"benchmark": name, "environment": _common.environment(device), "rows": rows}, f, indent=1)
     return path
 
 

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,38 +36,20 @@ sys.path.insert(0, str(ROOT))
 
 from hift_ext.optim import FusedAdamW, FusedHiFTAdamW  # noqa: E402
 
-try:  # shared helpers of the benchmarks, when present
-    from benchmarks import _common  # type: ignore  # noqa: E402
-except Exception:  # pragma: no cover
-    try:
-        from hift_ext.benchmarks import _common  # type: ignore  # noqa: E402
-    except Exception:
-        _common = None
+from benchmarks import _common  # noqa: E402  (device name/tag, git commit)
 
 
 # ----------------------------------------------------------------------------------- helpers
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
+    return _common.device_name(str(device))
 
 
 def device_tag(device: torch.device) -> str:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        for tag in ("h200", "h100", "a100", "l4", "a10", "v100", "t4"):
-            if tag in name:
-                return tag
-        return "cuda"
-    return "cpu"
+    return _common.device_tag(str(device))
+
+
+def git_commit() -> str:
+    return _common.git_commit()
 
 
 def tensor_bytes(ts) -> int:

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# GPU validation in one pass, for a lent GPU machine with no network (issue 7):
+# build the extension for the visible card, run the whole test suite with the CUDA tests enabled,
+# then the kernel / overlap / memory / step benchmarks. Each stage has its own time limit, so one
+# hang cannot eat the rest; results are packed after every stage, so a cut-off run still returns
+# what it measured.
+#
+#   bash benchmarks/gpu_validate.sh                         # every stage
+#   bash benchmarks/gpu_validate.sh tests kernels           # some stages (build is implied when
+#                                                           # no hift_ext/_C*.so for this python)
+# Output: $OUT (or benchmarks/results/gpu-run): log.txt, results.tgz (benchmarks/results/*-<card>.*),
+# the built _C*.so (so a second call can carry it and skip the build), pytest.txt.
+# HIFT_GIT_COMMIT stamps the results where the copied tree has no .git.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-run}"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+STAGES="${*:-build tests kernels overlap memory7b step memory}"
+SUMMARY=()
+
+say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+pack() {
+  local files
+  files=$(ls benchmarks/results/*-h100.* benchmarks/results/*-h200.* benchmarks/results/*-cuda.* \
+    benchmarks/results/memory7b/* 2>/dev/null)
+  [ -n "$files" ] && tar czf "$OUT/results.tgz" $files
+}
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  say "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("$name rc=$rc $((SECONDS - t0))s")
+  say "== $name done: rc=$rc in $((SECONDS - t0))s"
+  pack
+  return "$rc"
+}
+
+say "stages: $STAGES"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
+
+have_so() { ls hift_ext/_C"$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" >/dev/null 2>&1; }
+if [[ " $STAGES " == *" build "* ]] || ! have_so; then
+  # the visible card's arch only; ninja uses every core
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')}"
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  stage build 300 $PY -m pip install --no-build-isolation --no-deps -v -e . || { say "build failed"; exit 1; }
+  # an editable install may build out of tree: make sure the module sits next to the sources
+  have_so || find . /tmp -name "_C*.so" -path "*hift_ext*" -newer setup.py 2>/dev/null | head -1 | xargs -r -I{} cp {} hift_ext/
+  cp hift_ext/_C*"$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" "$OUT/" 2>/dev/null
+fi
+$PY -c "import hift_ext; print('hift_ext CUDA kernels:', hift_ext.has_cuda_kernels())" 2>&1 | tee -a "$LOG"
+
+for s in $STAGES; do
+  case $s in
+    build) ;;
+    tests)
+      # CUDA tests first (the new ground), then the rest; xdist spreads the CPU tests
+      OMP_NUM_THREADS=2 stage tests-cuda 240 $PY -m pytest -q --no-header -rfE -p no:cacheprovider \
+        -k "cuda or CUDA or gpu" tests
+      OMP_NUM_THREADS=2 stage tests-all 240 $PY -m pytest -q --no-header -rfE -p no:cacheprovider \
+        -n 8 tests ;;
+    kernels) stage kernels 150 $PY benchmarks/bench_kernels.py --device cuda ;;
+    overlap) stage overlap 120 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 ;;
+    memory7b)  # the paper's scale: LLaMA-7B fp32 AdamW, batch 1, seq 512 (targets 40 / 32 GiB)
+      stage memory7b 240 $PY benchmarks/bench_memory.py --models 7b --modes hift_offload full --gc both \
+        --out benchmarks/results/memory7b ;;
+    memory) stage memory 240 $PY benchmarks/bench_memory.py --models 1b 3b --gc both ;;
+    step) stage step 120 $PY benchmarks/bench_step.py --device cuda --hidden 2048 --layers 16 --seq 512 \
+        --vocab 32000 --heads 16 --batch 4 ;;
+    *) say "unknown stage $s" ;;
+  esac
+done
+[ -d benchmarks/results/memory7b ] && for f in benchmarks/results/memory7b/*; do
+  cp "$f" "benchmarks/results/memory7b-$(basename "$f" | sed 's/^memory-//')"; done
+pack
+say "summary:"
+printf '  %s\n' "${SUMMARY[@]}" | tee -a "$LOG"
