@@ -87,6 +87,36 @@ def _gpu_visible() -> bool:
         return False
 
 
+def _libstdcxx_link_args() -> list[str]:
+    """Link the libstdc++.so that torch loaded when the compiler would link libstdc++ statically.
+
+    Some toolchains (seen: a GCC under /opt/gcc on a GPU image) ship no shared libstdc++ of their
+    own, so g++ silently puts a private copy of the C++ runtime into _C.so. An exception thrown here
+    (every TORCH_CHECK) is then raised by that copy and caught by torch's, and the process dies with
+    a segmentation fault instead of a RuntimeError. Naming the loaded libstdc++.so.6 on the link
+    line makes the extension use the same runtime as torch."""
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = os.environ.get("CXX") or "c++"
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+        specs = subprocess.run([cxx, "-dumpspecs"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found) and "static-libstdc++" not in specs:
+        return []  # the usual case: the compiler links its shared libstdc++
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = sorted({ln.split()[-1] for ln in f if "/libstdc++.so" in ln})
+    except OSError:
+        loaded = []
+    if not loaded:
+        return []
+    _log(f"{cxx} would link libstdc++ statically: linking torch's {loaded[0]} instead")
+    return [loaded[0]]
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(
         os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True)
@@ -101,6 +131,7 @@ def _extensions_and_cmdclass():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     use_cuda, why = _want_cuda(torch, cuda_home)
+    link = ["-fopenmp"] + _libstdcxx_link_args()
     # -fopenmp: at::parallel_for is an inline template, so the OpenMP region is compiled here.
     # -g0: python's default -g makes every torch header emit debug info (slow builds, big .so).
     # -fno-math-errno: lets std::sqrt vectorize (nothing here reads errno).
@@ -120,7 +151,7 @@ def _extensions_and_cmdclass():
             sources + _sources("*.cu"),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DHIFT_EXT_WITH_CUDA=1"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
         _log(f"building hift_ext._C WITH CUDA kernels ({why})")
     else:
@@ -129,7 +160,7 @@ def _extensions_and_cmdclass():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
         _log(f"building hift_ext._C CPU-only, without CUDA kernels ({why})")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -48,7 +48,7 @@ def _time_cycles(model, opt, ids, cycles: int, device) -> list[float]:
 
 
 def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: int, gc_on: bool,
-            attn: str) -> dict:
+            attn: str, tuning: dict | None = None) -> dict:
     """Two copies of the model (same weights), one optimizer each; whole cycles alternate between
     them (resident, offload, resident, ...), so machine drift hits both the same way."""
     from hift_ext.optim import FusedHiFTAdamW as HiFT
@@ -61,6 +61,8 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
         if gc_on:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = HiFT(model, lr=1e-6, offload=offload, **({"offload_slots": num_slots} if offload else {}))
+        if offload and tuning:
+            opt._offload.set_tuning(**tuning)
         _time_cycles(model, opt, ids, 1, device)  # warm-up: creates every group's state
         runs[tag] = (model, opt, [])
     params = sum(p.numel() for p in runs["resident"][0].parameters())
@@ -84,6 +86,11 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     row["overhead"] = row["step_s_offload"] / row["step_s_resident"] - 1
     if eng is not None:
         row["engine_stats"] = eng.stats()
+        row["engine_tuning"] = eng.tuning()
+    # per HiFT group (bottom to top): where the offload overhead sits
+    k = opt.num_groups
+    row["step_s_by_group_resident"] = [statistics.mean(res_t[i::k]) for i in range(k)]
+    row["step_s_by_group_offload"] = [statistics.mean(off_t[i::k]) for i in range(k)]
     del runs, opt, eng
     gc.collect()
     if device.type == "cuda":
@@ -100,6 +107,10 @@ def main(argv=None):
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--pipeline-mb", type=float, default=None,
+                    help="offload staging piece size in MiB (0: one copy per group; default: the engine's)")
+    ap.add_argument("--copy-threads", type=int, default=None, help="threads per host memcpy (default: the engine's)")
+    ap.add_argument("--tag", default="", help="suffix of the result name (A/B runs)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -109,14 +120,19 @@ def main(argv=None):
     rows = []
     print(f"{'model':>6} {'params':>8} {'resident s':>11} {'offload s':>10} {'overhead':>9} {'drift':>6}")
     for name in models:
+        tuning = {}
+        if args.pipeline_mb is not None:
+            tuning["pipeline_bytes"] = int(args.pipeline_mb * (1 << 20))
+        if args.copy_threads is not None:
+            tuning["copy_threads"] = args.copy_threads
         r = run_one(name, device, batch=args.batch, seq=seq, cycles=args.cycles, num_slots=args.slots,
-                    gc_on=args.gc, attn="sdpa" if cuda else "eager")
+                    gc_on=args.gc, attn="sdpa" if cuda else "eager", tuning=tuning)
         rows.append(r)
         print(f"{name:>6} {r['params'] / 1e6:7.1f}M {r['step_s_resident']:11.4f} {r['step_s_offload']:10.4f} "
               f"{100 * r['overhead']:8.1f}% {100 * r['resident_drift']:5.1f}%")
     from bench_memory import write_results
 
-    path = write_results(rows, device, args.out, name="overlap")
+    path = write_results(rows, device, args.out, name="overlap" + (f"-{args.tag}" if args.tag else ""))
     print(f"wrote {path}")
     return rows
 

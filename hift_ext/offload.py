@@ -155,6 +155,17 @@ class OffloadEngine:
         """Wait for every copy in flight."""
         self._impl.synchronize()
 
+    def set_tuning(self, *, pipeline_bytes: int | None = None, copy_threads: int | None = None) -> None:
+        """CUDA copy tuning. ``pipeline_bytes`` (default 32 MiB): a group is staged and sent in
+        pieces of this size, so the DMA overlaps the host memcpy (0: one copy per group).
+        ``copy_threads`` (default 4): most threads one host memcpy uses."""
+        cur = self.tuning()
+        self._impl.set_tuning(int(cur["pipeline_bytes"] if pipeline_bytes is None else pipeline_bytes),
+                              int(cur["copy_threads"] if copy_threads is None else copy_threads))
+
+    def tuning(self) -> dict:
+        return dict(self._impl.tuning())
+
     # -- accounting -----------------------------------------------------------------------------
     def memory_report(self) -> dict:
         """Bytes: device_bytes (state buffers the engine holds on the device now, including

@@ -296,9 +296,9 @@ def test_state_dict_round_trip(name, kw, direction):
 @needs_cuda
 def test_cuda_parity_and_cpu_step_moved_once():
     ref = make_params(SHAPES, device="cuda")
-    mine = clone_params(ref)
     opt_ref = torch.optim.AdamW(ref, amsgrad=True)
     _run(opt_ref, ref, 3)
+    mine = clone_params(ref)  # the weights the saved state belongs to (3 steps in)
     sd = copy.deepcopy(opt_ref.state_dict())
     assert sd["state"][0]["step"].device.type == "cpu"
     opt = FusedAdamW(mine, amsgrad=True)

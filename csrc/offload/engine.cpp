@@ -16,18 +16,20 @@ namespace {
 int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
 // memcpy split over the intra-op pool for large buffers (pageable <-> pinned staging is memory
-// bandwidth bound; one thread does not saturate it).
-void host_copy(void* dst, const void* src, int64_t n) {
+// bandwidth bound; one thread does not saturate it). At most max_threads pool threads work on one
+// copy: the copies run beside training, whose launching thread must keep a core.
+void host_copy(void* dst, const void* src, int64_t n, int64_t max_threads) {
   if (n <= 0 || dst == src) return;
   constexpr int64_t kGrain = int64_t(8) << 20;
-  if (n <= 2 * kGrain) {
+  if (n <= 2 * kGrain || max_threads <= 1) {
     std::memcpy(dst, src, static_cast<size_t>(n));
     return;
   }
   const int64_t chunks = (n + kGrain - 1) / kGrain;
+  const int64_t per_task = (chunks + max_threads - 1) / max_threads;
   auto* d = static_cast<char*>(dst);
   const auto* s = static_cast<const char*>(src);
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, chunks, per_task, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const int64_t off = c * kGrain;
       std::memcpy(d + off, s + off, static_cast<size_t>(std::min(kGrain, n - off)));
@@ -559,6 +561,19 @@ std::map<std::string, int64_t> Engine::stats() {
 
 // ------------------------------------------------------------------ workers
 
+int64_t Engine::pipeline_piece(int64_t n) const {
+  // Debug mode checksums whole slots: keep the one-shot path there.
+  if (!is_cuda_ || debug_ || pipeline_bytes_ <= 0 || n <= 2 * pipeline_bytes_) return 0;
+  return round_up(pipeline_bytes_, kAlign);
+}
+
+void Engine::set_tuning(int64_t pipeline_bytes, int64_t copy_threads) {
+  TORCH_CHECK(copy_threads >= 1, "hift_ext offload: copy_threads must be >= 1, got ", copy_threads);
+  TORCH_CHECK(pipeline_bytes >= 0, "hift_ext offload: pipeline_bytes must be >= 0, got ", pipeline_bytes);
+  pipeline_bytes_ = pipeline_bytes;
+  copy_threads_ = copy_threads;
+}
+
 void Engine::debug_pause() {
   if (debug_delay_us_ <= 0) return;
   thread_local std::mt19937 rng(std::hash<std::thread::id>()(std::this_thread::get_id()));
@@ -670,7 +685,32 @@ void Engine::run_h2d(const std::shared_ptr<Task>& t) {
   Slot& s = slots_[static_cast<size_t>(t->slot)];
   const int64_t n = t->nbytes;
   debug_pause();
-  host_copy(slot_ptr, t->host.data_ptr(), n);  // stage 1: host store -> slot
+#ifdef HIFT_EXT_WITH_CUDA
+  if (const int64_t piece = pipeline_piece(n)) {
+    // Piece by piece: the DMA of one piece runs while the next is staged, so the device copy is
+    // complete one piece after the staging instead of a whole group's transfer later.
+    c10::cuda::CUDAGuard guard(device_.index());
+    auto st = *h2d_stream_;
+    t->alloc_ev->block(st);  // the buffer's previous life on the compute stream is over
+    auto* dst = static_cast<char*>(t->device.data_ptr());
+    auto* stage = static_cast<char*>(slot_ptr);
+    const auto* src = static_cast<const char*>(t->host.data_ptr());
+    for (int64_t off = 0; off < n; off += piece) {
+      const int64_t len = std::min(piece, n - off);
+      host_copy(stage + off, src + off, len, copy_threads_);
+      cuda_check(cudaMemcpyAsync(dst + off, stage + off, static_cast<size_t>(len), cudaMemcpyHostToDevice,
+                                 st.stream()),
+                 "cudaMemcpyAsync (host slot -> device)");
+    }
+    t->copy_ev->record(st);
+    t->device.record_stream(st.unwrap());
+    std::lock_guard<std::mutex> lk(mu_);
+    s.writing = false;
+    if (s.tag != t->id) ++violations_;
+    return;
+  }
+#endif
+  host_copy(slot_ptr, t->host.data_ptr(), n, copy_threads_);  // stage 1: host store -> slot
   if (debug_) t->checksum = checksum(slot_ptr, n);
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -701,7 +741,7 @@ void Engine::run_h2d(const std::shared_ptr<Task>& t) {
       std::lock_guard<std::mutex> lk(mu_);
       ++violations_;
     }
-    host_copy(t->device.data_ptr(), slot_ptr, n);  // stage 2: slot -> "device"
+    host_copy(t->device.data_ptr(), slot_ptr, n, copy_threads_);  // stage 2: slot -> "device"
     check_slot();
     if (debug_ && checksum(t->device.data_ptr(), n) != t->checksum) {
       std::lock_guard<std::mutex> lk(mu_);
@@ -711,6 +751,7 @@ void Engine::run_h2d(const std::shared_ptr<Task>& t) {
 }
 
 void Engine::run_d2h(const std::shared_ptr<Task>& t) {
+  bool stored = false;  // the pipelined CUDA path writes the host store itself
   void* slot_ptr = acquire_slot(t);
   Slot& s = slots_[static_cast<size_t>(t->slot)];
   const int64_t n = t->nbytes;
@@ -720,6 +761,29 @@ void Engine::run_d2h(const std::shared_ptr<Task>& t) {
     c10::cuda::CUDAGuard guard(device_.index());
     auto st = *d2h_stream_;
     t->compute_ev->block(st);  // after the group's update kernels on the compute stream
+    if (const int64_t piece = pipeline_piece(n)) {
+      // Piece by piece: each piece moves on to the host store as soon as its DMA is done.
+      std::vector<at::cuda::CUDAEvent> landed;
+      landed.reserve(static_cast<size_t>((n + piece - 1) / piece));
+      const auto* src = static_cast<const char*>(t->device.data_ptr());
+      auto* stage = static_cast<char*>(slot_ptr);
+      for (int64_t off = 0; off < n; off += piece) {
+        cuda_check(cudaMemcpyAsync(stage + off, src + off, static_cast<size_t>(std::min(piece, n - off)),
+                                   cudaMemcpyDeviceToHost, st.stream()),
+                   "cudaMemcpyAsync (device -> host slot)");
+        landed.emplace_back(cudaEventDisableTiming);
+        landed.back().record(st);
+      }
+      t->device.record_stream(st.unwrap());
+      t->device.reset();
+      auto* dst = static_cast<char*>(t->host.data_ptr());
+      for (size_t i = 0; i < landed.size(); ++i) {
+        const int64_t off = static_cast<int64_t>(i) * piece;
+        landed[i].synchronize();
+        host_copy(dst + off, stage + off, std::min(piece, n - off), copy_threads_);
+      }
+      stored = true;
+    } else {
     if (n > 0)
       cuda_check(cudaMemcpyAsync(slot_ptr, t->device.data_ptr(), static_cast<size_t>(n),
                                  cudaMemcpyDeviceToHost, st.stream()),
@@ -730,9 +794,10 @@ void Engine::run_d2h(const std::shared_ptr<Task>& t) {
     t->device.record_stream(st.unwrap());
     t->device.reset();
     done.synchronize();  // this worker (not the compute stream) waits for the copy
+    }
 #endif
   } else {
-    host_copy(slot_ptr, t->device.data_ptr(), n);  // stage 1: "device" -> slot
+    host_copy(slot_ptr, t->device.data_ptr(), n, copy_threads_);  // stage 1: "device" -> slot
     t->device.reset();
   }
   if (debug_) t->checksum = checksum(slot_ptr, n);
@@ -745,7 +810,7 @@ void Engine::run_d2h(const std::shared_ptr<Task>& t) {
     std::lock_guard<std::mutex> lk(mu_);
     if (s.tag != t->id || s.writing) ++violations_;
   }
-  host_copy(t->host.data_ptr(), slot_ptr, n);  // stage 2: slot -> host store
+  if (!stored) host_copy(t->host.data_ptr(), slot_ptr, n, copy_threads_);  // stage 2: slot -> host store
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (s.tag != t->id || s.writing) ++violations_;
@@ -780,6 +845,8 @@ Optimizer-state offload engine (C++). Use hift_ext.offload.OffloadEngine, the Py
       .def("load_host", &Engine::load_host, G())
       .def("residency", &Engine::residency)
       .def("synchronize", &Engine::synchronize, G())
+      .def("set_tuning", &Engine::set_tuning, py::arg("pipeline_bytes"), py::arg("copy_threads"))
+      .def("tuning", &Engine::tuning)
       .def("memory_report", &Engine::memory_report)
       .def("stats", &Engine::stats)
       .def("close", &Engine::close, G())

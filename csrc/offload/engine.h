@@ -129,6 +129,11 @@ class Engine {
   std::map<std::string, int64_t> stats();
   void close();
 
+  // pipeline_bytes: piece size of the pipelined staging on CUDA (0: one copy per group);
+  // copy_threads: most threads one host memcpy uses.
+  void set_tuning(int64_t pipeline_bytes, int64_t copy_threads);
+  std::map<std::string, int64_t> tuning() const { return {{"pipeline_bytes", pipeline_bytes_.load()}, {"copy_threads", copy_threads_.load()}}; }
+
   std::string device_str() const { return device_.str(); }
   int64_t num_slots() const { return static_cast<int64_t>(slots_.size()); }
   bool is_cuda() const { return is_cuda_; }
@@ -151,12 +156,15 @@ class Engine {
   void run_d2h(const std::shared_ptr<Task>& t);
   void finish(const std::shared_ptr<Task>& t);
   void debug_pause();
+  int64_t pipeline_piece(int64_t n) const;  // 0: copy the group in one go
 
   c10::Device device_;
   bool is_cuda_ = false;
   int64_t pinned_mode_;
   double debug_delay_us_;
   bool debug_;
+  std::atomic<int64_t> pipeline_bytes_{int64_t(32) << 20};  // read by the workers
+  std::atomic<int64_t> copy_threads_{4};
 
   std::mutex mu_;
   std::condition_variable cv_;
