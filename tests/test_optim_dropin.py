@@ -126,9 +126,14 @@ def test_low_precision_sensible(name, kw, dtype):
         opt_fused.step()
         opt32.step()
     tol = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    # torch < 2.14's CPU fused SGD/Adagrad for bf16/fp16 are not a usable reference: on torch 2.11
+    # (the GPU machine's) fused SGD lands 1.15 away from the fp32 run where ours lands 0.07 (bf16)
+    # and 0.007 (fp16); fused Adagrad bf16 rounds differently. The fp32 check below still applies.
+    compare_fused = name == "adamw" or torch.__version__ >= "2.14"
     for p, q, r in zip(lowp, ref_fused, ref32):
         assert p.dtype == dtype
-        torch.testing.assert_close(p.float(), q.float(), rtol=tol, atol=tol)
+        if compare_fused:
+            torch.testing.assert_close(p.float(), q.float(), rtol=tol, atol=tol)
         # a sensible distance from the fp32 trajectory: within a few ulps per step of drift
         torch.testing.assert_close(p.float(), r.detach(), rtol=4 * tol, atol=4 * tol)
     for st in opt.state.values():
