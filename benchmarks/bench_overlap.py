@@ -57,6 +57,14 @@ def _time_cycles(model, opt, ids, cycles: int, device) -> tuple[list[float], lis
     return step_times, cycle_times
 
 
+def _allocator_counters(device) -> dict:
+    if device.type != "cuda":
+        return {}
+    st = torch.cuda.memory_stats(device)
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    return {k: int(st.get(k, 0)) for k in keys}
+
+
 def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: int, gc_on: bool,
             attn: str, tuning: dict | None = None) -> dict:
     """Two copies of the model (same weights), one optimizer each; whole cycles alternate between
@@ -76,12 +84,17 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
         _time_cycles(model, opt, ids, 1, device)  # warm-up: creates every group's state
         runs[tag] = (model, opt, [], [])
     params = sum(p.numel() for p in runs["resident"][0].parameters())
+    alloc_events: dict = {"resident": {}, "offload": {}}
     for _ in range(cycles):
         for tag in ("resident", "offload"):
             model, opt, times, cycle_times = runs[tag]
+            before = _allocator_counters(device)
             st, ct = _time_cycles(model, opt, ids, 1, device)
             times.extend(st)
             cycle_times.extend(ct)
+            after = _allocator_counters(device)
+            for key in after:
+                alloc_events[tag][key] = alloc_events[tag].get(key, 0) + after[key] - before[key]
     res_t, off_t = runs["resident"][2], runs["offload"][2]
     opt = runs["offload"][1]
     rep = opt.memory_report()
@@ -101,6 +114,9 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     row["overhead_steps"] = row["step_s_offload"] / row["step_s_resident"] - 1
     # the headline: whole cycles, device idle to device idle (every copy finished)
     row["overhead"] = row["cycle_s_offload"] / row["cycle_s_resident"] - 1
+    # caching-allocator events during the timed cycles: cudaMalloc/cudaFree (which can wait for
+    # the copies in flight) are a suspect for the offload overhead seen on an H200
+    row["allocator_events"] = alloc_events
     if eng is not None:
         row["engine_stats"] = eng.stats()
         row["engine_tuning"] = eng.tuning()

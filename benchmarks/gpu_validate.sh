@@ -18,15 +18,14 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-STAGES="${*:-build tests kernels memory7b overlap step tests-all memory}"
+STAGES="${*:-build tests kernels memory7b overlap step tests-all}"
 SUMMARY=()
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 pack() {
   local files
-  files=$(ls benchmarks/results/*-h100.* benchmarks/results/*-h200.* benchmarks/results/*-cuda.* \
-    benchmarks/results/memory7b/* 2>/dev/null)
+  files=$(ls benchmarks/results/*-h100.* benchmarks/results/*-h200.* benchmarks/results/*-cuda.* 2>/dev/null)
   [ -n "$files" ] && tar czf "$OUT/results.tgz" $files
 }
 
@@ -71,16 +70,13 @@ for s in $STAGES; do
     kernels) stage kernels 150 $PY benchmarks/bench_kernels.py --device cuda ;;
     overlap) stage overlap 120 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 ;;
     memory7b)  # the paper's scale: LLaMA-7B fp32 AdamW, batch 1, seq 512 (targets 40 / 32 GiB)
-      stage memory7b 240 $PY benchmarks/bench_memory.py --models 7b --modes hift_offload full --gc both \
-        --out benchmarks/results/memory7b ;;
-    memory) stage memory 240 $PY benchmarks/bench_memory.py --models 1b 3b --gc both ;;
+      stage memory7b 240 $PY benchmarks/bench_memory.py --models 7b --modes hift_offload full --gc both ;;
+    memory) stage memory 300 $PY benchmarks/bench_memory.py --models 1b 3b 7b --gc both ;;
     step) stage step 120 $PY benchmarks/bench_step.py --device cuda --hidden 2048 --layers 16 --seq 512 \
         --vocab 32000 --heads 16 --batch 4 ;;
     *) say "unknown stage $s" ;;
   esac
 done
-[ -d benchmarks/results/memory7b ] && for f in benchmarks/results/memory7b/*; do
-  cp "$f" "benchmarks/results/memory7b-$(basename "$f" | sed 's/^memory-//')"; done
 pack
 say "summary:"
 printf '  %s\n' "${SUMMARY[@]}" | tee -a "$LOG"
