@@ -245,6 +245,18 @@ def test_empty_and_scalar_groups():
     assert eng.host_tensors(1)[0].item() == 6.0
 
 
+def test_tuning_defaults_and_errors():
+    eng = _engine("cpu", 2)
+    assert eng.tuning() == {"pipeline_bytes": 32 << 20, "copy_threads": 4}
+    eng.set_tuning(copy_threads=1)
+    assert eng.tuning() == {"pipeline_bytes": 32 << 20, "copy_threads": 1}
+    with pytest.raises(RuntimeError, match="copy_threads must be >= 1"):
+        eng.set_tuning(copy_threads=0)
+    with pytest.raises(RuntimeError, match="pipeline_bytes must be >= 0"):
+        eng.set_tuning(pipeline_bytes=-1)
+    assert eng.tuning()["copy_threads"] == 1  # a refused call changes nothing
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_pinned_slots_and_streams():
     eng = _engine("cuda", 2)
@@ -441,13 +453,20 @@ def test_offload_default_and_memory_report():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_offload_default_on_cuda_bitwise():
+@pytest.mark.parametrize("tuning", [None, dict(pipeline_bytes=1024, copy_threads=1),
+                                    dict(pipeline_bytes=4096, copy_threads=4), dict(pipeline_bytes=0)],
+                         ids=["default", "pieces1k", "pieces4k", "one-shot"])
+def test_offload_default_on_cuda_bitwise(tuning):
+    """Offloaded == resident, bitwise, also when every group is staged in many small pieces (the
+    pipelined path: each piece's DMA overlaps the next piece's memcpy, write-backs piece by piece)."""
     cls, kw = _hift_classes()["adamw"]
     ref_model = _uneven_model().cuda()
     off_model = _clone_model(ref_model)
     ref = cls(_groups_of(ref_model), offload=False, **kw)
     off = cls(_groups_of(off_model), **kw)
     assert off._offload is not None  # default on CUDA
+    if tuning is not None:
+        off._offload.set_tuning(**tuning)
     batches = [(x.cuda(), y.cuda()) for x, y in _batches(4 * ref.num_groups)]
     _train(ref_model, ref, batches)
     _train(off_model, off, batches)
