@@ -65,8 +65,22 @@ def _allocator_counters(device) -> dict:
     return {k: int(st.get(k, 0)) for k in keys}
 
 
+def _profile_cycle(model, opt, ids, device, top: int = 15) -> list[dict]:
+    """The top host-side ops (self CPU time) of one profiled cycle: shows a slower launch path
+    (cudaLaunchKernel) or allocator calls (cudaMalloc/cudaFree) in one mode against the other."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        _time_cycles(model, opt, ids, 1, device)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "device_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3}
+            for e in rows]
+
+
 def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: int, gc_on: bool,
-            attn: str, tuning: dict | None = None) -> dict:
+            attn: str, tuning: dict | None = None, profile: bool = False) -> dict:
     """Two copies of the model (same weights), one optimizer each; whole cycles alternate between
     them (resident, offload, resident, ...), so machine drift hits both the same way."""
     from hift_ext.optim import FusedHiFTAdamW as HiFT
@@ -124,6 +138,9 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     k = opt.num_groups
     row["step_s_by_group_resident"] = [statistics.mean(res_t[i::k]) for i in range(k)]
     row["step_s_by_group_offload"] = [statistics.mean(off_t[i::k]) for i in range(k)]
+    if profile:
+        row["profile_top_ops"] = {tag: _profile_cycle(runs[tag][0], runs[tag][1], ids, device)
+                                  for tag in ("resident", "offload")}
     del runs, opt, eng
     gc.collect()
     if device.type == "cuda":
@@ -144,6 +161,8 @@ def main(argv=None):
                     help="offload staging piece size in MiB (0: one copy per group; default: the engine's)")
     ap.add_argument("--copy-threads", type=int, default=None, help="threads per host memcpy (default: the engine's)")
     ap.add_argument("--tag", default="", help="suffix of the result name (A/B runs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one cycle per mode (top host-side ops into the JSON)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -160,7 +179,7 @@ def main(argv=None):
         if args.copy_threads is not None:
             tuning["copy_threads"] = args.copy_threads
         r = run_one(name, device, batch=args.batch, seq=seq, cycles=args.cycles, num_slots=args.slots,
-                    gc_on=args.gc, attn="sdpa" if cuda else "eager", tuning=tuning)
+                    gc_on=args.gc, attn="sdpa" if cuda else "eager", tuning=tuning, profile=args.profile)
         rows.append(r)
         print(f"{name:>6} {r['params'] / 1e6:7.1f}M {r['cycle_s_resident']:11.4f} {r['cycle_s_offload']:11.4f} "
               f"{100 * r['overhead']:8.1f}% {r['step_s_resident']:10.4f} {r['step_s_offload']:10.4f} "

@@ -68,7 +68,7 @@ for s in $STAGES; do
       OMP_NUM_THREADS=2 stage tests-all 240 $PY -m pytest -q --no-header -rfE -p no:cacheprovider \
         -n 8 tests ;;
     kernels) stage kernels 150 $PY benchmarks/bench_kernels.py --device cuda ;;
-    overlap) stage overlap 120 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 ;;
+    overlap) stage overlap 150 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 --profile ;;
     memory7b)  # the paper's scale: LLaMA-7B fp32 AdamW, batch 1, seq 512 (targets 40 / 32 GiB)
       stage memory7b 240 $PY benchmarks/bench_memory.py --models 7b --modes hift_offload full --gc both ;;
     memory) stage memory 300 $PY benchmarks/bench_memory.py --models 1b 3b 7b --gc both ;;

@@ -15,6 +15,13 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
+#ifdef HIFT_EXT_WITH_CUDA
+// Events a worker thread synchronizes on (copy done): blocking sync puts the waiting worker to
+// sleep instead of spinning in the driver beside the training thread, which launches kernels
+// through the same driver (and, on a virtualized GPU, the same ioctl path).
+constexpr unsigned int kWaitedEventFlags = cudaEventDisableTiming | cudaEventBlockingSync;
+#endif
+
 // memcpy split over the intra-op pool for large buffers (pageable <-> pinned staging is memory
 // bandwidth bound; one thread does not saturate it). At most max_threads pool threads work on one
 // copy: the copies run beside training, whose launching thread must keep a core.
@@ -235,7 +242,7 @@ std::shared_ptr<Task> Engine::issue_prefetch_locked(int64_t g, GroupRec& r) {
     r.alloc_stream = cur.id();
     t->alloc_ev = std::make_shared<at::cuda::CUDAEvent>(cudaEventDisableTiming);
     t->alloc_ev->record(cur);
-    t->copy_ev = std::make_shared<at::cuda::CUDAEvent>(cudaEventDisableTiming);
+    t->copy_ev = std::make_shared<at::cuda::CUDAEvent>(kWaitedEventFlags);
   }
 #endif
   t->device = r.device;
@@ -771,7 +778,7 @@ void Engine::run_d2h(const std::shared_ptr<Task>& t) {
         cuda_check(cudaMemcpyAsync(stage + off, src + off, static_cast<size_t>(std::min(piece, n - off)),
                                    cudaMemcpyDeviceToHost, st.stream()),
                    "cudaMemcpyAsync (device -> host slot)");
-        landed.emplace_back(cudaEventDisableTiming);
+        landed.emplace_back(kWaitedEventFlags);
         landed.back().record(st);
       }
       t->device.record_stream(st.unwrap());
@@ -788,7 +795,7 @@ void Engine::run_d2h(const std::shared_ptr<Task>& t) {
       cuda_check(cudaMemcpyAsync(slot_ptr, t->device.data_ptr(), static_cast<size_t>(n),
                                  cudaMemcpyDeviceToHost, st.stream()),
                  "cudaMemcpyAsync (device -> host slot)");
-    at::cuda::CUDAEvent done(cudaEventDisableTiming);
+    at::cuda::CUDAEvent done(kWaitedEventFlags);
     done.record(st);
     // Device memory goes back to the allocator now, but is reused only after this copy finished.
     t->device.record_stream(st.unwrap());
