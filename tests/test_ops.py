@@ -392,6 +392,23 @@ def test_error_mismatched_shapes_and_dtypes():
         _adamw(p, g, m, v, s)
 
 
+def test_extension_shares_torchs_cpp_runtime():
+    """A private (static) libstdc++ inside _C.so turns every C++ error into a segfault when torch's
+    runtime catches it (seen on a GPU image whose g++ links libstdc++ statically); setup.py links
+    the shared one. The module must need libstdc++.so.6 and define no __cxa_throw of its own."""
+    import shutil
+    import subprocess
+
+    so = hift_ext._ext.require_extension().__file__
+    if shutil.which("readelf") is None:
+        pytest.skip("readelf (binutils) is not installed")
+    dyn = subprocess.run(["readelf", "-d", so], capture_output=True, text=True).stdout
+    assert "libstdc++.so" in dyn, dyn
+    syms = subprocess.run(["readelf", "--dyn-syms", "-W", so], capture_output=True, text=True).stdout
+    defined = [ln for ln in syms.splitlines() if ln.rstrip().endswith(" __cxa_throw") and " UND " not in ln]
+    assert not defined, defined
+
+
 def test_error_sparse_grads():
     p, g, m, v, s = _good()
     g[0] = g[0].to_sparse()
