@@ -278,4 +278,4 @@ def test_default_model_smoke(tmp_path, capsys):
                             "--no-save-model"], capsys)
     assert rc == 0, err
     m = json.load(open(tmp_path / "m" / "metrics.json"))
-    assert m["mode"] == "hift" and m["num_groups"] == 4 and m["group_size"] == 2 and m["steps"] == 2
+    assert m["mode"] == "hift" and m["num_groups"] == 2 and m["group_size"] == 4 and m["steps"] == 2
