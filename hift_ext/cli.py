@@ -329,7 +329,14 @@ def cmd_groups(args) -> int:
         from hift_ext.grouping import describe_groups
     except UsageError as exc:
         return _fail("groups", str(exc))
-    describe_groups(model, group_size=args.group_size, file=sys.stdout)
+    from hift_ext.grouping import model_units
+
+    try:
+        units = len(model_units(model))
+    except (ValueError, TypeError) as exc:  # e.g. a model with nothing trainable
+        return _fail("groups", str(exc))
+    # as finetune does: a group size above the unit count is one group of everything
+    describe_groups(model, group_size=min(args.group_size, units), file=sys.stdout)
     return 0
 
 

@@ -222,15 +222,20 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
     cls = {"adamw": hift_optim.FusedHiFTAdamW, "adagrad": hift_optim.FusedHiFTAdaGrad,
            "sgd": hift_optim.FusedHiFTSGD}[cfg.optimizer]
+    from hift_ext import grouping
+
+    # A group size above the model's layer-unit count means one group of everything (the default,
+    # 4, tuned for MiniLM, must not refuse a smaller model); run_finetune says so.
+    group_size = min(cfg.group_size, len(grouping.model_units(model)))
     offload = cfg.offload
     if offload is None:  # default: offload the inactive groups' state when training on a GPU
         offload = next(model.parameters()).device.type == "cuda"
         try:
-            return cls(model, group_size=cfg.group_size, strategy=cfg.strategy, seed=cfg.seed,
+            return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
                        offload=offload, **kw)
         except NotImplementedError:  # an offload engine not available in this build
             offload = False
-    return cls(model, group_size=cfg.group_size, strategy=cfg.strategy, seed=cfg.seed,
+    return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
                offload=offload, **kw)
 
 
@@ -517,7 +522,13 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    optimizer = (optimizer_factory or make_optimizer)(cfg, model)
+    try:
+        optimizer = (optimizer_factory or make_optimizer)(cfg, model)
+    except (ValueError, TypeError) as exc:  # the model cannot be trained as asked (e.g. no trainable params)
+        raise UsageError(f"cannot build the optimizer for this model: {exc}") from None
+    if not cfg.full and getattr(optimizer, "group_size", None) not in (None, cfg.group_size):
+        log(f"group_size {cfg.group_size} is more than the model's {optimizer.group_size} layer units: "
+            f"one group of all of them (HiFT updates the whole model each step here)")
     scheduler = (scheduler_factory or make_scheduler)(cfg, optimizer, total_steps)
     params = [p for p in model.parameters()]
 
@@ -684,7 +695,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         "optimizer": cfg.optimizer,
         "mode": cfg.mode,
         "lr": cfg.resolved_lr(),
-        "group_size": cfg.group_size if not cfg.full else None,
+        "group_size": getattr(optimizer, "group_size", cfg.group_size) if not cfg.full else None,
         "strategy": cfg.strategy if not cfg.full else None,
         "num_groups": getattr(optimizer, "num_groups", 1),
         "device": str(device),

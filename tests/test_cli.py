@@ -91,13 +91,31 @@ def load_model_pt(out):
 
 
 # ------------------------------------------------------------------------------------ finetune
+def test_group_size_above_the_unit_count_is_one_group(tiny_bert, small_data, tmp_path, capsys):
+    """The default group size (4, tuned for MiniLM) or any larger one must not refuse a small model:
+    finetune trains one group of every unit and says so; `groups` shows that group."""
+    if not _hift_available():
+        pytest.skip("hift_ext._C (fused kernels) is not built")
+    out = str(tmp_path / "run")
+    rc, stdout, err = run_cli(base_args(tiny_bert, small_data, "--max-steps", "2", "--output", out,
+                                        "--group-size", "9"), capsys)
+    assert rc == 0, err
+    assert "more than the model's 4 layer units" in err + stdout and "Traceback" not in err
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["num_groups"] == 1 and m["group_size"] == 4
+    rc, stdout, err = run_cli(["groups", "--model", tiny_bert, "--group-size", "9"], capsys)
+    assert rc == 0 and "1 groups, group_size=4" in stdout
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_finetune_writes_outputs(tiny_bert, small_data, tmp_path, capsys, full):
     if not full and not _hift_available():
         pytest.skip("hift_ext._C (fused kernels) is not built")
     out = str(tmp_path / "run")
     args = base_args(tiny_bert, small_data, "--epochs", "2", "--output", out, "--lr", "1e-3")
-    rc, stdout, err = run_cli(args + (["--full"] if full else []), capsys)
+    # the tiny model has 4 layer units: one per group, so the log shows the groups rotating
+    rc, stdout, err = run_cli(args + (["--full"] if full else ["--group-size", "1"]), capsys)
     assert rc == 0, err
     for f in ("config.json", "metrics.jsonl", "metrics.json", "loss.png", "checkpoint/model.pt",
               "checkpoint/trainer_state.pt", "model/config.json"):
