@@ -64,9 +64,10 @@ for s in $STAGES; do
     tests)  # the CUDA tests: what CI cannot run
       OMP_NUM_THREADS=2 stage tests-cuda 240 $PY -m pytest -q --no-header -rfE -p no:cacheprovider \
         -k "cuda or CUDA or gpu" tests ;;
-    tests-all)  # the whole suite on this machine's torch (xdist spreads it over the cores)
+    tests-all)  # the whole suite on this machine's torch (xdist, where installed, spreads it)
+      XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
       OMP_NUM_THREADS=2 stage tests-all 240 $PY -m pytest -q --no-header -rfE -p no:cacheprovider \
-        -n 8 tests ;;
+        $XDIST tests ;;
     kernels) stage kernels 150 $PY benchmarks/bench_kernels.py --device cuda ;;
     overlap) stage overlap 150 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 --profile ;;
     memory7b)  # the paper's scale: LLaMA-7B fp32 AdamW, batch 1, seq 512 (targets 40 / 32 GiB)
