@@ -40,18 +40,6 @@ from benchmarks import _common  # noqa: E402  (device name/tag, git commit)
 
 
 # ----------------------------------------------------------------------------------- helpers
-def device_name(device: torch.device) -> str:
-    return _common.device_name(str(device))
-
-
-def device_tag(device: torch.device) -> str:
-    return _common.device_tag(str(device))
-
-
-def git_commit() -> str:
-    return _common.git_commit()
-
-
 def tensor_bytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -173,7 +161,7 @@ def run(args):
     n_params = sum(p.numel() for p in modes[0].model.parameters())
     print(f"model: LLaMA-shaped, {n_params / 1e6:.1f}M params, hidden {args.hidden}, "
           f"{args.layers} layers, vocab {args.vocab}; batch {args.batch} x seq {args.seq}; "
-          f"HiFT k = {k} groups; device {device_name(device)}", flush=True)
+          f"HiFT k = {k} groups; device {_common.device_name(str(device))}", flush=True)
 
     # warm-up: a few steps per mode (HiFT: one step of the bottom and one of the top group)
     for m in modes:
@@ -184,9 +172,6 @@ def run(args):
     # modes alternate in blocks of `block` steps
     total = args.cycles * k
     block = max(1, args.block)
-    if device.type == "cuda":
-        for m in modes:
-            torch.cuda.reset_peak_memory_stats(device)
     # CUDA: every mode's model and optimizer live side by side, so the device-wide peak is not one
     # mode's. A mode's peak = what it holds when its block starts (parameters, optimizer state,
     # gradients: counted from its tensors) + the peak growth of allocated memory during its block.
@@ -262,10 +247,10 @@ def run(args):
             )
     result = {
         "benchmark": "step",
-        "device": device_name(device),
+        "device": _common.device_name(str(device)),
         "device_type": device.type,
         "torch": torch.__version__,
-        "git_commit": git_commit(),
+        "git_commit": _common.git_commit(),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "model": {"kind": "llama", "params": n_params, "hidden": args.hidden, "layers": args.layers,
@@ -304,7 +289,7 @@ def print_table(res):
 
 def write(res, out_dir: Path, png: bool):
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = device_tag(torch.device(res["device_type"]))
+    tag = _common.device_tag(res["device_type"])
     path = out_dir / f"step-{tag}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

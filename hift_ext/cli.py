@@ -329,14 +329,13 @@ def cmd_groups(args) -> int:
         from hift_ext.grouping import describe_groups
     except UsageError as exc:
         return _fail("groups", str(exc))
-    from hift_ext.grouping import model_units
+    from hift_ext.train import effective_group_size
 
     try:
-        units = len(model_units(model))
+        group_size = effective_group_size(model, args.group_size)  # as finetune trains it
     except (ValueError, TypeError) as exc:  # e.g. a model with nothing trainable
         return _fail("groups", str(exc))
-    # as finetune does: a group size above the unit count is one group of everything
-    describe_groups(model, group_size=min(args.group_size, units), file=sys.stdout)
+    describe_groups(model, group_size=group_size, file=sys.stdout)
     return 0
 
 

@@ -206,6 +206,14 @@ def load_model_and_tokenizer(path: str, num_labels: int, label_map: Dict[str, in
 OptimizerFactory = Callable[["TrainConfig", torch.nn.Module], torch.optim.Optimizer]
 
 
+def effective_group_size(model: torch.nn.Module, group_size: int) -> int:
+    """A group size above the model's layer-unit count means one group of everything: the default
+    (4, tuned for MiniLM) must not refuse a smaller model. Used by finetune and `groups`."""
+    from hift_ext import grouping
+
+    return min(group_size, len(grouping.model_units(model)))
+
+
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     lr = cfg.resolved_lr()
     if cfg.optimizer == "adamw":
@@ -223,11 +231,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
     cls = {"adamw": hift_optim.FusedHiFTAdamW, "adagrad": hift_optim.FusedHiFTAdaGrad,
            "sgd": hift_optim.FusedHiFTSGD}[cfg.optimizer]
-    from hift_ext import grouping
-
-    # A group size above the model's layer-unit count means one group of everything (the default,
-    # 4, tuned for MiniLM, must not refuse a smaller model); run_finetune says so.
-    group_size = min(cfg.group_size, len(grouping.model_units(model)))
+    group_size = effective_group_size(model, cfg.group_size)  # run_finetune says when it shrank
     offload = cfg.offload
     if offload is None:  # default: offload the inactive groups' state when training on a GPU
         offload = next(model.parameters()).device.type == "cuda"
