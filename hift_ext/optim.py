@@ -26,6 +26,7 @@ state stays on the parameters' device.
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from typing import Any, Callable, Iterable
@@ -60,6 +61,25 @@ def _scalar(x: Any) -> float:
             raise ValueError("tensor hyperparameters must have exactly one element")
         return float(x.item())
     return float(x)
+
+
+def _check_finite(owner: str, **values: Any) -> None:
+    """Refuse inf/NaN hyperparameters: they train silently to NaN weights (torch.optim's own range
+    checks let inf, and NaN momentum/dampening, through)."""
+    for name, value in values.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for v in items:
+            if isinstance(v, bool) or v is None:
+                continue
+            try:
+                f = _scalar(v)
+            except (TypeError, ValueError):
+                raise TypeError(f"{owner}: {name} must be a number, got {v!r}") from None
+            if not math.isfinite(f):
+                raise ValueError(
+                    f"{owner}: {name}={f} is not a finite number; pass a finite value (an inf or "
+                    "NaN hyperparameter turns every weight into NaN)"
+                )
 
 
 def _check_param(p: Tensor, owner: str) -> None:
@@ -118,7 +138,16 @@ class _FusedOptimizer(Optimizer):
     _eager_state = False
     _uses_steps = True
 
+    #: the numeric hyperparameters of a param group (checked to be finite at every entry point)
+    _hyper_keys: tuple[str, ...] = ()
+
     def __init__(self, params, defaults: dict[str, Any]) -> None:
+        self._check_hypers(defaults)
+        if defaults.get("capturable"):
+            raise ValueError(
+                f"{type(self).__name__}: capturable=True (CUDA graph capture) is not supported yet; "
+                "leave capturable=False, or use torch.optim's fused optimizer for graph capture"
+            )
         if defaults.get("differentiable"):
             raise ValueError(
                 f"{type(self).__name__} does not support differentiable=True (the fused kernels "
@@ -136,7 +165,11 @@ class _FusedOptimizer(Optimizer):
         plist = [params] if isinstance(params, Tensor) else list(params)
         for p in plist:
             _check_param(p, type(self).__name__)
+        self._check_hypers(param_group)
         super().add_param_group(param_group)
+
+    def _check_hypers(self, group: dict[str, Any]) -> None:
+        _check_finite(type(self).__name__, **{k: group[k] for k in self._hyper_keys if k in group})
 
     # ----------------------------------------------------------------------------- to override
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:  # pragma: no cover
@@ -252,6 +285,14 @@ class _FusedOptimizer(Optimizer):
             plan = plans[id(group)] = self._build_plan(group, params, keys)
         return plan
 
+    def _check_not_capturing(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called during CUDA graph capture, which hift_ext "
+                "does not support yet (its step reads python scalars and uploads a tensor table); "
+                "step outside the captured region"
+            )
+
     @staticmethod
     def _on(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | None:
         if t is None:
@@ -266,6 +307,8 @@ class _FusedOptimizer(Optimizer):
         params, grads = self._collect(group)
         if not params:
             return 0
+        self._check_hypers(group)  # a scheduler or user code may have set lr to inf/NaN
+        self._check_not_capturing()
         plan = self._plan(group, params)
         gs_cache: dict = {}
         fi_cache: dict = {}
@@ -276,9 +319,16 @@ class _FusedOptimizer(Optimizer):
             inf = self._on(found_inf, device, fi_cache)
             if share.counters is not None:
                 share.counters.add_(1)  # the kernels read the step number of this update
-            self._apply(
-                group, share.params, gs, states, share.steps, self._on(grad_scale, device, gs_cache), inf
-            )
+            try:
+                self._apply(
+                    group, share.params, gs, states, share.steps, self._on(grad_scale, device, gs_cache), inf
+                )
+            except BaseException:
+                # The kernels validate every input before writing: a refused call changed nothing,
+                # so neither may the step counts.
+                if share.counters is not None:
+                    share.counters.sub_(1)
+                raise
             if share.counters is not None and inf is not None:
                 share.counters.sub_(inf)  # an overflow leaves the step counts unchanged too
         return len(params)
@@ -315,8 +365,56 @@ class _FusedOptimizer(Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_state(state_dict)  # refuse before changing anything
         super().load_state_dict(state_dict)
         self._post_load()
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Every state tensor must fit its parameter (a wrong shape would otherwise surface only at
+        step(), inside the kernel), every step count must be a finite number >= 0."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+                or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(
+                f"{name}.load_state_dict: expected a dict with 'state' and 'param_groups' (as saved by "
+                "optimizer.state_dict()), got a corrupt or foreign object"
+            )
+        params: dict[Any, tuple[int, Tensor]] = {}
+        for gi, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            ids = saved.get("params", []) if isinstance(saved, dict) else []
+            for pid, p in zip(ids, group["params"]):
+                params[pid] = (gi, p)
+        for pid, st in state_dict["state"].items():
+            if pid not in params:
+                continue  # torch ignores state of unknown ids; the group-size check reports mismatches
+            gi, p = params[pid]
+            where = f"parameter {pid} (param group {gi}, shape {tuple(p.shape)})"
+            if not isinstance(st, dict):
+                raise ValueError(f"{name}.load_state_dict: the state of {where} is not a dict")
+            for key, v in st.items():
+                if key == "step":
+                    try:
+                        f = _scalar(v)
+                    except (TypeError, ValueError):
+                        f = float("nan")
+                    if not (math.isfinite(f) and f >= 0):
+                        raise ValueError(
+                            f"{name}.load_state_dict: 'step' of {where} is {v!r}; a step count must be a "
+                            "finite number >= 0 (the state_dict is corrupt)"
+                        )
+                elif isinstance(v, Tensor):
+                    if not v.is_floating_point():
+                        raise ValueError(
+                            f"{name}.load_state_dict: state '{key}' of {where} has dtype {v.dtype}; "
+                            "optimizer state must be floating point (the state_dict is corrupt)"
+                        )
+                    if v.shape != p.shape:
+                        raise ValueError(
+                            f"{name}.load_state_dict: state '{key}' of {where} has shape "
+                            f"{tuple(v.shape)}; it must match its parameter. The state_dict was saved "
+                            "for another model (or is corrupt): load it into an optimizer built on the "
+                            "same model"
+                        )
 
     def _post_load(self) -> None:
         for group in self.param_groups:
@@ -354,9 +452,12 @@ class _FusedOptimizer(Optimizer):
 class FusedAdamW(_FusedOptimizer):
     """torch.optim.AdamW with the fused hift_ext kernel (same arguments, defaults and state).
 
-    ``foreach``, ``capturable`` and ``fused`` are accepted for compatibility and stored in the
-    param groups like torch does; the update is always the fused hift_ext kernel.
+    ``foreach`` and ``fused`` are accepted for compatibility and stored in the param groups like
+    torch does; the update is always the fused hift_ext kernel. ``capturable=True`` (CUDA graph
+    capture) is refused with a clear error until it is supported.
     """
+
+    _hyper_keys = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(
         self,
@@ -453,6 +554,7 @@ class FusedAdaGrad(_FusedOptimizer):
     state is created in __init__ like torch does)."""
 
     _eager_state = True
+    _hyper_keys = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
     def __init__(
         self,
@@ -529,6 +631,7 @@ class FusedSGD(_FusedOptimizer):
     ``momentum_buffer`` per parameter when momentum != 0, created on its first step)."""
 
     _uses_steps = False
+    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay")
 
     def __init__(
         self,
@@ -621,7 +724,7 @@ _FROZEN_BY_HIFT = "_hift_frozen"
 
 
 class _HiFTMixin:
-    """HiFT on top of a fused drop-in optimizer (see the module docstring and DESIGN.md)."""
+    """HiFT on top of a fused drop-in optimizer (see the module docstring and docs/semantics.md)."""
 
     _eager_state = False  # a group's state is created the first time the group is active
 

@@ -1,6 +1,6 @@
 """HiFT optimizers: FusedHiFTAdamW / FusedHiFTAdaGrad / FusedHiFTSGD.
 
-Every line of DESIGN.md "Semantics" that concerns the optimizer is pinned down here (grouping itself
+Every rule of docs/semantics.md that concerns the optimizer is pinned down here (grouping itself
 is tested in test_grouping.py, the schedule in test_schedule.py, the delayed LR in test_lr.py; the
 bitwise resume in a new process and the LLaMA end-to-end run in test_hift_resume.py).
 """
