@@ -82,6 +82,12 @@ def _check_finite(owner: str, **values: Any) -> None:
                 )
 
 
+def _masters_kw(masters) -> dict[str, Any]:
+    """The kernels' master_params argument, only when there are masters (fp32 runs call the ops
+    exactly as before)."""
+    return {} if masters is None else {"master_params": masters}
+
+
 def _check_param(p: Tensor, owner: str) -> None:
     if not isinstance(p, Tensor):
         raise TypeError(f"{owner}: expected parameters to be tensors, got {type(p).__name__}")
@@ -95,17 +101,25 @@ def _check_param(p: Tensor, owner: str) -> None:
         raise TypeError(f"{owner}: sparse parameters are not supported; use a dense parameter")
 
 
+#: the state key of a parameter's fp32 master copy (bf16/fp16 parameters with master weights)
+MASTER_KEY = "master_param"
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class _DeviceShare:
-    """The parameters of one param group on one device, as the kernel call takes them."""
+    """The parameters of one param group that one kernel call takes: same device, and all with or
+    all without fp32 master weights."""
 
-    __slots__ = ("index", "params", "dicts", "steps", "counters")
+    __slots__ = ("index", "params", "dicts", "steps", "counters", "keys", "master")
 
-    def __init__(self, index, params, dicts, steps, counters) -> None:
+    def __init__(self, index, params, dicts, steps, counters, keys, master) -> None:
         self.index = index  # positions in the group's updated list (None: all of them)
         self.params = params
         self.dicts = dicts  # the parameters' state dicts (never their tensors: offload swaps them)
         self.steps = steps  # state["step"] of each parameter: 0-dim views of counters
         self.counters = counters
+        self.keys = keys  # the state tensors the kernel reads, MASTER_KEY last when master
+        self.master = master
 
 
 class _GroupPlan:
@@ -127,10 +141,16 @@ class _FusedOptimizer(Optimizer):
     """Shared machinery: parameter validation, the per-(group, device) op call, AMP, step fix-ups.
 
     Subclasses implement ``_init_state(p, group)`` (creates the per-parameter state exactly as the
-    torch.optim counterpart would), ``_state_keys(group)`` (the state tensors the kernel takes) and
-    ``_apply(group, params, grads, states, steps, grad_scale, found_inf)`` (calls one kernel for
-    one device; ``states`` holds one list per state key, ``steps`` the already incremented step
-    tensors, which this class counts).
+    torch.optim counterpart would, with :meth:`_new_state`), ``_state_keys(group)`` (the state
+    tensors the kernel takes) and ``_apply(group, params, grads, states, steps, grad_scale,
+    found_inf, masters, first)`` (calls one kernel for one device; ``states`` holds one list per
+    state key, ``steps`` the already incremented step tensors, which this class counts, ``masters``
+    the fp32 master weights or None, ``first`` per parameter whether this is its first update
+    (SGD's momentum buffer) or None).
+
+    Master weights (``master_weights``: None = on for bf16/fp16 parameters, True/False force it):
+    a parameter with masters keeps an fp32 copy in ``state["master_param"]`` and fp32 state; the
+    kernel updates the master in fp32 and writes the rounded parameter.
     """
 
     _step_supports_amp_scaling = True
@@ -153,11 +173,22 @@ class _FusedOptimizer(Optimizer):
                 f"{type(self).__name__} does not support differentiable=True (the fused kernels "
                 "update in place outside autograd); use torch.optim for differentiable optimizers"
             )
+        mw = defaults.get("master_weights")
+        if mw is not None and not isinstance(mw, bool):
+            raise TypeError(f"{type(self).__name__}: master_weights must be None, True or False, got {mw!r}")
         super().__init__(params, defaults)
+        if mw:
+            for group in self.param_groups:
+                if group.get("master_weights") and not any(p.dtype in _LOW_PRECISION for p in group["params"]):
+                    raise ValueError(
+                        f"{type(self).__name__}: master_weights=True, but every parameter is "
+                        f"{group['params'][0].dtype}; fp32 parameters are their own masters. Convert the model "
+                        "to bfloat16/float16 (model.to(torch.bfloat16)) or leave master_weights=None"
+                    )
         if self._eager_state:
             for group in self.param_groups:
                 for p in group["params"]:
-                    self._init_state(p, group)
+                    self._prepare_state(p, group)
 
     # ----------------------------------------------------------------------------- param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -223,11 +254,37 @@ class _FusedOptimizer(Optimizer):
             ).clone()
         return step
 
+    # ----------------------------------------------------------------------------- state tensors
+    @staticmethod
+    def _uses_master(p: Tensor, group: dict[str, Any]) -> bool:
+        """fp32 master weights for p: on for bf16/fp16 parameters unless master_weights=False."""
+        return p.dtype in _LOW_PRECISION and group.get("master_weights") is not False
+
+    def _state_device(self, p: Tensor) -> torch.device:
+        """Where p's optimizer state is created (the HiFT optimizers put it in the host store
+        when offloading)."""
+        return p.device
+
+    def _new_state(self, p: Tensor, group: dict[str, Any], fill: float = 0.0) -> Tensor:
+        """A state tensor for p: its shape, fp32 with master weights (else p's dtype)."""
+        dtype = torch.float32 if self._uses_master(p, group) else p.dtype
+        return torch.full(p.shape, fill, dtype=dtype, device=self._state_device(p))
+
+    def _state_sizes(self, p: Tensor, group: dict[str, Any]) -> list[int]:
+        """Element sizes of the tensors p's state will hold (sorted by key, as offloading lays them
+        out), before it exists: for sizing the offload engine."""
+        master = self._uses_master(p, group)
+        keys = sorted(self._state_keys(group) + ((MASTER_KEY,) if master else ()))
+        return [4 if master else p.element_size() for _ in keys]
+
     def _prepare_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """p's state, created on its first update as the torch.optim counterpart would."""
+        """p's state, created on its first update as the torch.optim counterpart would (plus the
+        fp32 master copy of a bf16/fp16 parameter)."""
         state = self.state[p]
         if len(state) == 0:
             self._init_state(p, group)
+        if self._uses_master(p, group) and MASTER_KEY not in state:
+            state[MASTER_KEY] = p.detach().to(device=self._state_device(p), dtype=torch.float32, copy=True)
         return state
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -236,14 +293,15 @@ class _FusedOptimizer(Optimizer):
 
     def _build_plan(self, group: dict[str, Any], params: list[Tensor], keys: tuple[str, ...]) -> _GroupPlan:
         self._check_contiguous(type(self).__name__, params)
-        by_device: dict[torch.device, list[int]] = {}
+        by_call: dict[tuple[torch.device, bool], list[int]] = {}
         for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
+            by_call.setdefault((p.device, self._uses_master(p, group)), []).append(i)
         shares = []
-        for index in by_device.values():
+        for (_, master), index in by_call.items():
             ps = [params[i] for i in index]
+            share_keys = keys + ((MASTER_KEY,) if master else ())
             # (an optimizer without per-parameter tensors, e.g. SGD, leaves self.state alone, as torch)
-            dicts = [self._prepare_state(p, group) for p in ps] if keys or self._uses_steps else []
+            dicts = [self._prepare_state(p, group) for p in ps] if share_keys or self._uses_steps else []
             steps = counters = None
             if self._uses_steps:
                 # One flat float32 tensor whose elements ARE these parameters' step tensors (each
@@ -254,7 +312,8 @@ class _FusedOptimizer(Optimizer):
                 steps = [counters[i] for i in range(len(ps))]
                 for d, st in zip(dicts, steps):
                     d["step"] = st
-            shares.append(_DeviceShare(None if len(by_device) == 1 else index, ps, dicts, steps, counters))
+            shares.append(_DeviceShare(None if len(by_call) == 1 else index, ps, dicts, steps, counters,
+                                       share_keys, master))
         return _GroupPlan(group, params, self.state, len(self.state), keys, shares)
 
     def _plan(self, group: dict[str, Any], params: list[Tensor]) -> _GroupPlan:
@@ -281,6 +340,10 @@ class _FusedOptimizer(Optimizer):
                     all(map(operator.is_, [d.get("step") for d in s.dicts], s.steps)) for s in plan.shares
                 )
             )
+            or (
+                not self._uses_steps  # a deleted or None momentum buffer restarts, as in torch
+                and not all(d.get(s.keys[0]) is not None for s in plan.shares if s.keys for d in s.dicts)
+            )
         ):
             plan = plans[id(group)] = self._build_plan(group, params, keys)
         return plan
@@ -302,36 +365,59 @@ class _FusedOptimizer(Optimizer):
         return cache[device]
 
     def _update_group(self, group, grad_scale: Tensor | None, found_inf: Tensor | None) -> int:
-        """Update every parameter of ``group`` that has a gradient: one op call per device.
-        Returns the number of parameters updated."""
+        """Update every parameter of ``group`` that has a gradient: one op call per share (device,
+        master weights or not). Returns the number of parameters updated."""
         params, grads = self._collect(group)
         if not params:
             return 0
         self._check_hypers(group)  # a scheduler or user code may have set lr to inf/NaN
         self._check_not_capturing()
         plan = self._plan(group, params)
-        gs_cache: dict = {}
-        fi_cache: dict = {}
         for share in plan.shares:
-            device = share.params[0].device
-            gs = grads if share.index is None else [grads[i] for i in share.index]
-            states = [[d[k] for d in share.dicts] for k in plan.keys]
-            inf = self._on(found_inf, device, fi_cache)
             if share.counters is not None:
                 share.counters.add_(1)  # the kernels read the step number of this update
-            try:
-                self._apply(
-                    group, share.params, gs, states, share.steps, self._on(grad_scale, device, gs_cache), inf
-                )
-            except BaseException:
-                # The kernels validate every input before writing: a refused call changed nothing,
-                # so neither may the step counts.
+        try:
+            self._run_plan(group, plan, grads, grad_scale, found_inf)
+        except BaseException:
+            # The kernels validate every input before writing: a refused call changed nothing,
+            # so neither may the step counts.
+            for share in plan.shares:
                 if share.counters is not None:
                     share.counters.sub_(1)
-                raise
-            if share.counters is not None and inf is not None:
-                share.counters.sub_(inf)  # an overflow leaves the step counts unchanged too
+            raise
+        if found_inf is not None:
+            for share in plan.shares:
+                if share.counters is not None:  # an overflow leaves the step counts unchanged too
+                    share.counters.sub_(self._on(found_inf, share.params[0].device, {}))
+        self._after_update(params, found_inf)
         return len(params)
+
+    def _run_plan(self, group, plan: _GroupPlan, grads: list[Tensor], grad_scale, found_inf) -> None:
+        """One kernel call per share, on the state tensors in self.state."""
+        for share in plan.shares:
+            gs = grads if share.index is None else [grads[i] for i in share.index]
+            states = [[d[k] for d in share.dicts] for k in share.keys]
+            self._call_kernel(group, share, share.params, gs, states, None, grad_scale, found_inf)
+
+    def _call_kernel(self, group, share: _DeviceShare, params, grads, states, idx, grad_scale, found_inf) -> None:
+        """The kernel call of a share (or of pieces of its parameters: ``idx`` are their positions
+        in the share, None for all of them)."""
+        device = params[0].device
+        masters = states[-1] if share.master else None
+        if share.master:
+            states = states[:-1]
+        steps = share.steps
+        if steps is not None and idx is not None:
+            steps = [steps[i] for i in idx]
+        first = self._first_flags(share.params if idx is None else [share.params[i] for i in idx])
+        self._apply(group, params, grads, states, steps, self._on(grad_scale, device, {}),
+                    self._on(found_inf, device, {}), masters=masters, first=first)
+
+    def _first_flags(self, params: list[Tensor]) -> list[bool] | None:
+        return None  # SGD: whether each parameter's momentum buffer starts now
+
+    def _after_update(self, params: list[Tensor], found_inf: Tensor | None) -> None:
+        pass
 
     def _amp_tensors(self, grad_scale, found_inf):
         if grad_scale is None:
@@ -366,8 +452,37 @@ class _FusedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_state(state_dict)  # refuse before changing anything
-        super().load_state_dict(state_dict)
+        # torch would cast every state tensor to its parameter's dtype and device: fp32 state of a
+        # bf16 parameter with master weights would lose its precision, and offloaded state would
+        # land on the GPU. So torch loads the rest and the tensors are placed here.
+        tensors: dict[Any, dict[str, Tensor]] = {}
+        rest: dict[Any, dict[str, Any]] = {}
+        for pid, st in state_dict["state"].items():
+            rest[pid] = {k: v for k, v in st.items() if k == "step" or not isinstance(v, Tensor)}
+            tensors[pid] = {k: v for k, v in st.items() if k != "step" and isinstance(v, Tensor)}
+        super().load_state_dict({**state_dict, "state": rest})
+        self._place_loaded_state(state_dict, tensors)
         self._post_load()
+
+    def _place_loaded_state(self, state_dict: dict[str, Any], tensors: dict[Any, dict[str, Tensor]]) -> None:
+        """Loaded state tensors go to the state device as fp32 (parameters with master weights;
+        missing masters are made from the parameters, as after an fp32 or torch.optim run) or in
+        the parameter's dtype (torch's rule)."""
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                st = tensors.get(pid)
+                if st is None:
+                    continue
+                master = self._uses_master(p, group)
+                dev = self._state_device(p)
+                state = self.state[p]
+                for k, v in st.items():
+                    if k == MASTER_KEY and not master:
+                        continue  # an fp32 parameter is its own master
+                    dtype = torch.float32 if master else p.dtype
+                    state[k] = v.detach().to(device=dev, dtype=dtype, copy=True)
+                if master and MASTER_KEY not in state:
+                    state[MASTER_KEY] = p.detach().to(device=dev, dtype=torch.float32, copy=True)
 
     def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
         """Every state tensor must fit its parameter (a wrong shape would otherwise surface only at
@@ -473,6 +588,7 @@ class FusedAdamW(_FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -500,6 +616,8 @@ class FusedAdamW(_FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": True,
         }
+        if master_weights is not None:  # absent by default: param_groups stay exactly torch's
+            defaults["master_weights"] = master_weights
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -511,20 +629,21 @@ class FusedAdamW(_FusedOptimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
+            group.setdefault("master_weights", None)
             group["decoupled_weight_decay"] = True
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg"] = self._new_state(p, group)
+        state["exp_avg_sq"] = self._new_state(p, group)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = self._new_state(p, group)
 
     def _prepare_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = super()._prepare_state(p, group)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:  # amsgrad switched on after a load
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = self._new_state(p, group)
         return state
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -532,7 +651,7 @@ class FusedAdamW(_FusedOptimizer):
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf, masters=None, first=None) -> None:
         amsgrad = bool(group["amsgrad"])
         exp_avgs, exp_avg_sqs = states[0], states[1]
         max_sqs = states[2] if amsgrad else []
@@ -542,7 +661,7 @@ class FusedAdamW(_FusedOptimizer):
             lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
             weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]),
             amsgrad=amsgrad, maximize=bool(group["maximize"]),
-            grad_scale=grad_scale, found_inf=found_inf,
+            grad_scale=grad_scale, found_inf=found_inf, **_masters_kw(masters),
         )
 
 
@@ -569,6 +688,7 @@ class FusedAdaGrad(_FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -593,6 +713,8 @@ class FusedAdaGrad(_FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if master_weights is not None:  # absent by default: param_groups stay exactly torch's
+            defaults["master_weights"] = master_weights
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -602,24 +724,23 @@ class FusedAdaGrad(_FusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
+            group.setdefault("master_weights", None)
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["sum"] = torch.full_like(
-            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
-        )
+        state["sum"] = self._new_state(p, group, _scalar(group["initial_accumulator_value"]))
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
 
-    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf, masters=None, first=None) -> None:
         _ops().fused_adagrad_(
             params, grads, states[0], steps,
             lr=_scalar(group["lr"]), lr_decay=_scalar(group["lr_decay"]),
             weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]),
             maximize=bool(group["maximize"]),
-            grad_scale=grad_scale, found_inf=found_inf,
+            grad_scale=grad_scale, found_inf=found_inf, **_masters_kw(masters),
         )
 
 
@@ -646,6 +767,7 @@ class FusedSGD(_FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
@@ -668,6 +790,9 @@ class FusedSGD(_FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
+        if master_weights is not None:  # absent by default: param_groups stay exactly torch's
+            defaults["master_weights"] = master_weights
+        self._fresh: set[Tensor] = set()  # parameters whose momentum buffer starts at their next update
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -678,39 +803,67 @@ class FusedSGD(_FusedOptimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
+            group.setdefault("master_weights", None)
+        self.__dict__.setdefault("_fresh", set())
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if _scalar(group["momentum"]) != 0 else ()
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
-        pass  # the momentum buffer is created by the first update (torch clones d_p)
+        pass  # the momentum buffer is created for the first update (_prepare_state)
 
-    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf) -> None:
+    def _prepare_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = super()._prepare_state(p, group)
+        if _scalar(group["momentum"]) != 0 and state.get("momentum_buffer") is None:
+            # torch clones d_p into a new buffer at the first update: the kernel's first-step
+            # mode writes the buffer without reading it, so its contents do not matter.
+            state["momentum_buffer"] = self._new_state(p, group)
+            self._fresh.add(p)
+        return state
+
+    def _first_flags(self, params: list[Tensor]) -> list[bool] | None:
+        if not self._fresh:
+            return None
+        return [p in self._fresh for p in params]
+
+    def _after_update(self, params: list[Tensor], found_inf: Tensor | None) -> None:
+        if not self._fresh:
+            return
+        fresh = [p for p in params if p in self._fresh]
+        if not fresh:
+            return
+        if found_inf is not None and bool(found_inf.item()):
+            # An overflowing first step creates no buffers (the next step is then a first step);
+            # this costs one host sync, on a parameter's first step only.
+            for p in fresh:
+                self.state[p].pop("momentum_buffer", None)
+                if not self.state[p]:
+                    del self.state[p]
+            return
+        self._fresh.difference_update(fresh)
+
+    def _place_loaded_state(self, state_dict, tensors) -> None:
+        self._fresh.clear()
+        super()._place_loaded_state(state_dict, tensors)
+
+    def _apply(self, group, params, grads, states, steps, grad_scale, found_inf, masters=None, first=None) -> None:
         momentum = _scalar(group["momentum"])
         kw = dict(
             lr=_scalar(group["lr"]), momentum=momentum, dampening=_scalar(group["dampening"]),
             nesterov=bool(group["nesterov"]), weight_decay=_scalar(group["weight_decay"]),
             maximize=bool(group["maximize"]), grad_scale=grad_scale, found_inf=found_inf,
         )
-        if momentum == 0:
-            _ops().fused_sgd_(params, grads, [], is_first_step=False, **kw)
+        bufs = states[0] if momentum != 0 else []
+        if momentum == 0 or first is None or not any(first) or all(first):
+            _ops().fused_sgd_(params, grads, bufs, is_first_step=bool(first and momentum != 0 and all(first)),
+                              **kw, **_masters_kw(masters))
             return
-        # Parameters with a buffer continue; those without start one (buf = d_p). Usually all
-        # parameters of a group are in the same phase and this is a single call.
-        old = [(p, g, self.state[p]["momentum_buffer"]) for p, g in zip(params, grads)
-               if self.state[p].get("momentum_buffer") is not None]
-        new = [(p, g) for p, g in zip(params, grads)
-               if self.state[p].get("momentum_buffer") is None]
-        if old:
-            ps, gs, bufs = map(list, zip(*old))
-            _ops().fused_sgd_(ps, gs, bufs, is_first_step=False, **kw)
-        if new:
-            # An overflowing first step must not create buffers (the next step would then not be
-            # a first step); this costs one host sync, on a parameter's first step only.
-            if found_inf is not None and bool(found_inf.item()):
-                return
-            ps, gs = map(list, zip(*new))
-            bufs = [torch.empty_like(p, memory_format=torch.preserve_format) for p in ps]
-            _ops().fused_sgd_(ps, gs, bufs, is_first_step=True, **kw)
-            for p, b in zip(ps, bufs):
-                self.state[p]["momentum_buffer"] = b
+        # Parameters with a buffer continue; those without start one (buf = d_p).
+        for flag in (False, True):
+            sel = [i for i, f in enumerate(first) if f == flag]
+            _ops().fused_sgd_([params[i] for i in sel], [grads[i] for i in sel], [bufs[i] for i in sel],
+                              is_first_step=flag, **kw,
+                              **_masters_kw(None if masters is None else [masters[i] for i in sel]))
 
 
 # =============================================================================================
@@ -738,6 +891,7 @@ class _HiFTMixin:
         offload: bool | None = None,
         offload_slots: int = 2,
         offload_prefetch: bool = True,
+        offload_device_bytes: int | None = None,
         **base_kwargs,
     ) -> None:
         name = type(self).__name__
@@ -761,7 +915,9 @@ class _HiFTMixin:
         if offload is None:  # default: offload when the parameters live on a GPU
             offload = all(p.is_cuda for grp in self.param_groups for p in grp["params"])
         if offload:
-            self._setup_offload(int(offload_slots), bool(offload_prefetch))
+            self._setup_offload(int(offload_slots), bool(offload_prefetch), offload_device_bytes)
+        elif offload_device_bytes is not None:
+            raise ValueError(f"{name}: offload_device_bytes applies only with offload=True")
         self._activate(self._schedule.current)
 
     # ----------------------------------------------------------------------------- grouping
@@ -863,133 +1019,100 @@ class _HiFTMixin:
         return self._group_size
 
     # ----------------------------------------------------------------------------- residency
-    # The only places where the location of optimizer state matters. With offload=False they do
-    # nothing: every group's state stays in self.state on its parameters' device.
-    # Call order per step(): _bring_state_in(g) -> kernel update of group g (creates g's state in
-    # self.state the first time g is active) -> _send_state_out(g) (also on an exception in the
-    # update). An AMP-skipped step or a step() refused for missing grads calls neither.
-    # With offload, every group's optimizer state tensors (all but the scalar "step", which stays
-    # on the device) live in the engine's host store; self.state holds views of that store for
-    # every group except the one being updated, which holds device tensors from engine.fetch()
-    # while step() runs. Layout of a group in the engine: [(index in the group, state key), ...].
-    def _setup_offload(self, num_slots: int, prefetch: bool) -> None:
-        from hift_ext.offload import OffloadEngine
+    # With offload=False every group's state stays in self.state on its parameters' device. With
+    # offload (hift_ext.offload.GroupStateOffload) it lives in the engine's host store: self.state
+    # holds host views of it between steps (the scalar "step" stays with the parameters), a new
+    # group's state is created on the host, and the update streams the active group through the
+    # device arena.
+    @property
+    def offload_engine(self):
+        """The OffloadEngine holding the inactive groups' state (None without offload)."""
+        return None if self._offload is None else self._offload.engine
 
+    def _setup_offload(self, num_slots: int, prefetch: bool, device_bytes: int | None) -> None:
+        from hift_ext.offload import GroupStateOffload
+
+        name = type(self).__name__
         devices = {p.device for grp in self.param_groups for p in grp["params"]}
         if len(devices) != 1:
             raise ValueError(
-                f"{type(self).__name__}: offload=True needs every parameter on one device, got "
+                f"{name}: offload=True needs every parameter on one device, got "
                 f"{sorted(str(d) for d in devices)}; move the model to one device or pass offload=False"
             )
-        self._offload = OffloadEngine(next(iter(devices)), num_slots)
-        self._offload_prefetch = prefetch
-        self._offload_layout: dict[int, list[tuple[int, str]]] = {}
-        self._offload_prefetched: set[int] = set()
-        self._offload_stash: dict[int, tuple[Tensor, dict[str, Tensor]]] | None = None
-        self._offload_reserved = False
-        self.register_load_state_dict_pre_hook(_offload_pre_load_hook)
+        sizes = [[(p.numel(), self._state_sizes(p, grp)) for p in grp["params"]] for grp in self.param_groups]
+        try:
+            self._offload = GroupStateOffload(next(iter(devices)), num_slots=num_slots, prefetch=prefetch,
+                                              device_bytes=device_bytes, group_sizes=sizes)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
 
-    @staticmethod
-    def _offload_keys(state: dict[str, Any]) -> list[str]:
-        return [k for k in sorted(state) if k != "step" and isinstance(state[k], Tensor)]
+    def _state_device(self, p: Tensor) -> torch.device:
+        return torch.device("cpu") if getattr(self, "_offload", None) is not None else p.device
 
-    def _offload_point_at_host(self, g: int) -> None:
-        params = self.param_groups[g]["params"]
-        views = self._offload.host_views(g)
-        for (i, k), v in zip(self._offload_layout[g], views):
-            self.state[params[i]][k] = v
+    def _run_plan(self, group, plan, grads, grad_scale, found_inf) -> None:
+        off = self._offload
+        if off is None:
+            return super()._run_plan(group, plan, grads, grad_scale, found_inf)
+        g = group["hift_group"]
+        params = group["params"]
+        where = {id(p): i for i, p in enumerate(params)}
+        off.register(g, params, self.state)
+        calls = []
+        for share in plan.shares:
+            gs = grads if share.index is None else [grads[i] for i in share.index]
+            calls.append((share, [where[id(p)] for p in share.params], gs, share.keys))
 
-    def _bring_state_in(self, g: int) -> None:
-        """Make group g's optimizer state resident on its parameters' device (before its update)."""
-        eng = self._offload
-        if eng is None:
-            return
-        for h in list(self._offload_prefetched):  # a stale prefetch (e.g. a retried step)
-            if h != g:
-                eng.release(h)
-        self._offload_prefetched.clear()
-        layout = self._offload_layout.get(g)
-        if layout is None:
-            return  # first activation: the update creates the state on the device
-        params = self.param_groups[g]["params"]
-        for (i, k), t in zip(layout, eng.fetch(g)):  # the compute stream waits on the H2D event
-            self.state[params[i]][k] = t
+        def apply(share, ps, gs, states, idx):
+            self._call_kernel(group, share, ps, gs, states, idx, grad_scale, found_inf)
 
-    def _send_state_out(self, g: int) -> None:
-        """Group g's update is done: its state may leave the device."""
-        eng = self._offload
-        if eng is None:
-            return
-        params = self.param_groups[g]["params"]
-        layout = [(i, k) for i, p in enumerate(params) for k in self._offload_keys(self.state.get(p, {}))]
-        if self._offload_layout.get(g) == layout and eng.has_group(g):
-            eng.release(g)  # async write-back after the update kernels; device memory follows
-        else:  # new group (first activation) or new state keys (e.g. SGD momentum buffers)
-            tensors = [self.state[params[i]][k] for i, k in layout]
-            if eng.has_group(g):
-                eng.remove_group(g)
-            eng.add_group(g, tensors)
-            self._offload_layout[g] = layout
-            del tensors
-            if not self._offload_reserved and layout:
-                self._offload_reserve(g)
-        self._offload_point_at_host(g)
-        if self._offload_prefetch:
-            nxt = self._schedule.next  # overlaps the next group's forward/backward
-            if nxt != g and nxt in self._offload_layout:
-                eng.prefetch(nxt)
-                self._offload_prefetched.add(nxt)
+        try:
+            off.update(g, params, calls, apply)
+        except RuntimeError as exc:
+            raise self._offload_error(g, exc) from exc
 
-    def _offload_reserve(self, g: int) -> None:
-        """Size the pinned slots once, to the largest group's state (same bytes per parameter byte
-        as the first group), so slots never grow (and pinned-memory failures surface now)."""
-        eng = self._offload
-        pbytes = lambda grp: sum(p.numel() * p.element_size() for p in grp["params"])  # noqa: E731
-        ratio = eng.group_bytes(g) / max(1, pbytes(self.param_groups[g]))
-        largest = max(pbytes(grp) for grp in self.param_groups)
-        slack = 256 * (max(len(grp["params"]) for grp in self.param_groups) * 4 + 1)
-        eng.reserve(int(largest * ratio) + slack)
-        self._offload_reserved = True
+    def _offload_error(self, g: int, exc: BaseException) -> BaseException:
+        if "hift_ext offload" not in str(exc):
+            return exc
+        return RuntimeError(f"{type(self).__name__}: HiFT group {g}: {exc}")
 
     def _sync_state(self) -> None:
         """Make self.state hold every group's true state (before state_dict / load_state_dict)."""
         if self._offload is not None:
-            self._offload.synchronize()  # the host views in self.state are now current
+            try:
+                self._offload.synchronize()  # the host views in self.state are now current
+            except RuntimeError as exc:
+                raise RuntimeError(f"{type(self).__name__}: {exc}") from exc
 
     def _after_load(self) -> None:
-        """self.state was replaced by load_state_dict: rebuild the residency of every group."""
-        eng = self._offload
-        if eng is None:
-            return
-        stash = self._offload_stash or {}
-        self._offload_stash = None
-        for h in list(self._offload_prefetched):
-            eng.release(h)
-        self._offload_prefetched.clear()
-        for g, grp in enumerate(self.param_groups):
-            layout, tensors = [], []
-            for i, p in enumerate(grp["params"]):
-                saved = stash.get(id(p), (None, {}))[1]
-                for k in sorted(saved):
-                    layout.append((i, k))
-                    tensors.append(saved[k])
-            if eng.has_group(g) and self._offload_layout.get(g) == layout and layout:
-                eng.load_host(g, tensors)
-            else:
-                if eng.has_group(g):
-                    eng.remove_group(g)
-                self._offload_layout.pop(g, None)
-                if layout:
-                    eng.add_group(g, tensors)
-                    self._offload_layout[g] = layout
-            if layout:
-                self._offload_point_at_host(g)
+        """self.state was replaced by load_state_dict: the engine takes the loaded tensors."""
+        if self._offload is not None:
+            self._offload.after_load(self.param_groups, self.state)
 
     def __getstate__(self) -> dict[str, Any]:
+        if self.__dict__.get("_offload") is not None:
+            raise TypeError(
+                f"{type(self).__name__} with offload cannot be pickled (its engine owns threads, streams and "
+                "device memory); save optimizer.state_dict() and load it into a new optimizer instead"
+            )
         state = super().__getstate__()
         for key in ("_schedule", "_groups", "_group_size", "_offload", "_hift_init"):
             state[key] = self.__dict__[key]
         return state
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        self._sync_state()
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k in ("_offload", "_plans"):
+                continue
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        new.__dict__["_offload"] = None
+        if self._offload is not None:  # a new engine holding the copied state
+            new.__dict__["_offload"] = self._offload.clone(new.param_groups, new.state)
+        return new
 
     # ----------------------------------------------------------------------------- switching
     def _activate(self, active: int) -> None:
@@ -1028,12 +1151,10 @@ class _HiFTMixin:
         if found_inf is not None and bool(found_inf.item()):
             return loss  # overflow: nothing changes and the schedule does not advance
         with torch.no_grad():
-            self._bring_state_in(g)
-            try:
-                self._update_group(group, grad_scale, None)
-            finally:
-                self._send_state_out(g)
+            self._update_group(group, grad_scale, None)
         self._schedule.advance()
+        if self._offload is not None:
+            self._offload.after_step(g, self._schedule.current)
         self._activate(self._schedule.current)
         return loss
 
@@ -1107,7 +1228,12 @@ class _HiFTMixin:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         hift = self._check_hift_state(state_dict)  # refuse before changing anything
-        self._sync_state()
+        if self._offload is not None:
+            try:
+                self._offload.synchronize()  # no copy may touch the store while it is replaced
+            except RuntimeError:
+                pass  # a failed write-back: the state being loaded replaces that group's state
+
         base = {k: v for k, v in state_dict.items() if k != "hift"}
         super().load_state_dict(base)  # also moves steps to the parameters' devices
         self._schedule.load_state_dict(hift["schedule"])
@@ -1130,37 +1256,6 @@ class _HiFTMixin:
             f"{self._schedule.strategy!r}, position={self.hift_position}, "
             f"active_group={self.active_group})"
         )
-
-
-def _offload_pre_load_hook(opt, state_dict: dict[str, Any]):
-    """load_state_dict pre-hook of an offloading HiFT optimizer: takes the offloaded state tensors
-    out of the state_dict (torch would otherwise copy every group's state onto the device) and
-    stashes them, cast like torch does, for _after_load, which puts them into the engine."""
-    if getattr(opt, "_offload", None) is None:
-        return None
-    sd = dict(state_dict)
-    ids: dict[Any, Tensor] = {}
-    for saved, grp in zip(sd.get("param_groups", []), opt.param_groups):
-        for pid, p in zip(saved["params"], grp["params"]):
-            ids[pid] = p
-    state, stash = {}, {}
-    for pid, st in sd.get("state", {}).items():
-        p = ids.get(pid)
-        keep, out = {}, {}
-        for k, v in st.items():
-            if p is not None and k != "step" and isinstance(v, Tensor):
-                v = v.detach()
-                if p.is_floating_point() and v.is_floating_point() and v.dtype != p.dtype:
-                    v = v.to(p.dtype)
-                out[k] = v
-            else:
-                keep[k] = v
-        state[pid] = keep
-        if out:
-            stash[id(p)] = (p, out)
-    sd["state"] = state
-    opt._offload_stash = stash
-    return sd
 
 
 def _hift_doc(base: str) -> str:

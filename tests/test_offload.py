@@ -57,7 +57,8 @@ def _bump(ts, k):
 # ----------------------------------------------------------------------------- engine round trips
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_slots", [1, 2, 3])
-def test_round_trip_cycles(device, num_slots):
+@pytest.mark.parametrize("budget", ["auto", "fixed"])
+def test_round_trip_cycles(device, num_slots, budget):
     rng = random.Random(num_slots)
     sizes = [1, 7, 50000, 3, 120000, 2]  # very different group sizes
     shadow = {g: [torch.randn(n), torch.randn(max(1, n // 3)).double(), torch.tensor(0.0)]
@@ -65,6 +66,9 @@ def test_round_trip_cycles(device, num_slots):
     eng = _engine(device, num_slots, debug=True, debug_delay_us=20)
     for g, ts in shadow.items():
         eng.add_group(g, ts)
+    largest = max(eng.group_bytes(g) for g in shadow)
+    if budget == "fixed":
+        eng.set_device_budget(2 * largest)
     k = len(sizes)
     order = list(range(k))
     for cycle in range(6):
@@ -83,10 +87,15 @@ def test_round_trip_cycles(device, num_slots):
     for g in range(k):
         assert _same(eng.host_tensors(g), shadow[g])
     eng.synchronize()
-    assert eng.stats()["violations"] == 0
+    st = eng.stats()
+    assert st["violations"] == 0
     rep = eng.memory_report()
-    assert rep["device_bytes"] == 0
-    assert rep["num_groups"] == k
+    assert rep["device_leased_bytes"] == 0 and rep["num_groups"] == k
+    # one arena, never more than two groups on it, nothing outside it
+    assert rep["device_bytes"] == rep["device_budget_bytes"] >= 2 * largest
+    assert rep["device_leased_peak_bytes"] <= 2 * largest
+    if budget == "fixed":
+        assert st["arena_allocs"] == 1 and st["overflow_allocs"] == 0
     eng.close()
 
 
@@ -193,20 +202,23 @@ def test_memory_report_and_slots():
     per = [2 * ((n * 4 + 255) // 256 * 256) for n in sizes]
     rep = eng.memory_report()
     assert rep["host_store_bytes"] == sum(per)
-    assert rep["largest_group_bytes"] == max(per)
+    assert rep["largest_group_bytes"] == max(per) == rep["largest_piece_bytes"]
     assert rep["device_bytes"] == 0 and rep["num_slots"] == 3 and rep["pinned_bytes"] == 0
     eng.fetch(1)
     eng.prefetch(2)
     rep = eng.memory_report()
-    assert rep["device_bytes"] == per[1] + per[2]
+    # the arena is sized on first use to two halves of the largest piece, and stays
+    assert rep["device_budget_bytes"] == rep["device_bytes"] >= 2 * max(per)
+    assert rep["device_leased_bytes"] == per[1] + per[2]
     assert rep["resident_groups"] == 1
     for g in range(3):
         eng.release(g)
     eng.synchronize()
     rep = eng.memory_report()
-    assert rep["device_bytes"] == 0
-    assert rep["device_peak_bytes"] == per[1] + per[2]
-    # slots are sized to the largest group when they are first used
+    assert rep["device_leased_bytes"] == 0 and rep["device_bytes"] == rep["device_budget_bytes"]
+    assert rep["device_leased_peak_bytes"] == per[1] + per[2]
+    assert eng.stats()["arena_allocs"] == 1 and eng.stats()["overflow_allocs"] == 0
+    # slots are sized to the largest piece when they are first used
     assert rep["slot_bytes"] % max(per) == 0 and rep["slot_bytes"] >= max(per)
     eng.reserve(10 * max(per))
     assert eng.memory_report()["slot_bytes"] >= 10 * max(per)
@@ -354,12 +366,13 @@ def test_offloaded_training_bitwise_identical(opt_name, strategy):
     ref_sd = ref.state_dict()
     for r, model in models.items():
         off = cls(_groups_of(model), strategy=strategy, seed=3, offload=True, offload_slots=r, **kw)
-        assert ref._offload is None and off._offload is not None and off._offload.num_slots == r
+        assert ref.offload_engine is None and off.offload_engine.num_slots == r
         _train(model, off, batches)
         for a, b in zip(ref_model.parameters(), model.parameters()):
             assert torch.equal(a, b), r
         _assert_state_equal(ref_sd, off.state_dict())
-        assert off._offload.stats()["violations"] == 0
+        assert off.offload_engine.stats()["violations"] == 0
+        assert off.offload_engine.stats()["overflow_allocs"] == 0
         rep = off.memory_report()
         assert rep["host_store_bytes"] > 0
         assert rep["num_groups"] == off.num_groups
@@ -374,7 +387,7 @@ def test_state_dict_mid_flight_is_true_state():
     ref = cls(_groups_of(ref_model), offload=False, **kw)
     off = cls(_groups_of(off_model), offload=True, **kw)
     # slow copy threads, so that write-backs and prefetches are still in flight at state_dict()
-    off._offload = OffloadEngine("cpu", 2, debug=True, debug_delay_us=4000)
+    off._offload.engine = OffloadEngine("cpu", 2, debug=True, debug_delay_us=4000)
     for t, (x, y) in enumerate(_batches(2 * ref.num_groups + 1, seed=1)):
         for model, opt in ((ref_model, ref), (off_model, off)):
             torch.nn.functional.mse_loss(model(x), y).backward()
@@ -383,7 +396,7 @@ def test_state_dict_mid_flight_is_true_state():
         if t % 3 == 0:
             _assert_state_equal(ref.state_dict(), off.state_dict())
     _assert_state_equal(ref.state_dict(), off.state_dict())
-    assert off._offload.stats()["violations"] == 0
+    assert off.offload_engine.stats()["violations"] == 0
 
 
 @pytest.mark.parametrize("src_offload", [True, False])
@@ -441,14 +454,14 @@ def test_exception_in_forward_keeps_state(opt_name):
 def test_offload_default_and_memory_report():
     cls, kw = _hift_classes()["adamw"]
     opt = cls(_groups_of(_uneven_model()), **kw)
-    assert opt._offload is None  # CPU parameters: resident unless asked
+    assert opt.offload_engine is None  # CPU parameters: resident unless asked
     model = _uneven_model()
     opt = cls(_groups_of(model), offload=True, **kw)
     _train(model, opt, _batches(opt.num_groups))
     rep = opt.memory_report()
     n_state = sum(2 * p.numel() * 4 for p in model.parameters())
     assert rep["host_store_bytes"] >= n_state
-    assert rep["device_bytes"] <= max(rep["largest_group_bytes"] * 2, 1)
+    assert rep["device_bytes"] == rep["device_budget_bytes"] <= rep["largest_group_bytes"] * 2 + 1024
     assert rep["num_groups"] == opt.num_groups
 
 
@@ -464,9 +477,9 @@ def test_offload_default_on_cuda_bitwise(tuning):
     off_model = _clone_model(ref_model)
     ref = cls(_groups_of(ref_model), offload=False, **kw)
     off = cls(_groups_of(off_model), **kw)
-    assert off._offload is not None  # default on CUDA
+    assert off.offload_engine is not None  # default on CUDA
     if tuning is not None:
-        off._offload.set_tuning(**tuning)
+        off.offload_engine.set_tuning(**tuning)
     batches = [(x.cuda(), y.cuda()) for x, y in _batches(4 * ref.num_groups)]
     _train(ref_model, ref, batches)
     _train(off_model, off, batches)

@@ -59,7 +59,10 @@ def _run(opt, params, steps, start=0, scale=1.0):
 def test_constructor_signature_and_defaults_match_torch(name):
     torch_cls, ours = PAIRS[name]
     ts, os_ = inspect.signature(torch_cls.__init__), inspect.signature(ours.__init__)
-    assert list(ts.parameters) == list(os_.parameters)
+    # torch's arguments in torch's order, then ours: master_weights (keyword-only, default None)
+    assert list(ts.parameters) + ["master_weights"] == list(os_.parameters)
+    assert os_.parameters["master_weights"].default is None
+    assert os_.parameters["master_weights"].kind == inspect.Parameter.KEYWORD_ONLY
     for k, tp in ts.parameters.items():
         assert os_.parameters[k].default == tp.default, k
         assert os_.parameters[k].kind == tp.kind, k
@@ -105,15 +108,16 @@ LOWP = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name,kw", LOWP, ids=[n for n, _ in LOWP])
 def test_low_precision_sensible(name, kw, dtype):
-    """bf16/fp16 params and states with fp32 math: close to torch's own fused kernel (which also
-    computes in fp32), and to an fp32 run within the dtype's resolution."""
+    """bf16/fp16 params and states without master weights (master_weights=False), fp32 math: close
+    to torch's own fused kernel (which also computes in fp32), and to an fp32 run within the dtype's
+    resolution. (With master weights, the default, see test_master_weights.py.)"""
     torch_cls, ours = PAIRS[name]
     shapes = [(3,), (4097,), (33, 17)]
     master = make_params(shapes)
     lowp = [nn.Parameter(p.detach().to(dtype)) for p in master]
     ref_fused = clone_params(lowp)
     ref32 = [nn.Parameter(p.detach().float()) for p in lowp]
-    opt = ours(lowp, **kw)
+    opt = ours(lowp, master_weights=False, **kw)
     opt_fused = torch_cls(ref_fused, fused=True, **kw)
     opt32 = torch_cls(ref32, **kw)
     steps = 20
@@ -229,11 +233,17 @@ def test_one_op_call_per_group_with_mixed_dtypes(monkeypatch):
     ps = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(7).bfloat16()),
           nn.Parameter(torch.randn(3).half())]
     p2 = nn.Parameter(torch.randn(4))
-    opt = FusedAdamW([{"params": ps}, {"params": [p2], "lr": 0.1}])
+    opt = FusedAdamW([{"params": ps}, {"params": [p2], "lr": 0.1}], master_weights=False)
     for p in ps + [p2]:
         p.grad = torch.randn_like(p)
     opt.step()
     assert calls == [[torch.float32, torch.bfloat16, torch.float16], [torch.float32]]
+    # with master weights (the default for bf16/fp16): one call for the parameters without masters,
+    # one for those with them
+    calls.clear()
+    opt = FusedAdamW([{"params": ps}, {"params": [p2], "lr": 0.1}])
+    opt.step()
+    assert calls == [[torch.float32], [torch.bfloat16, torch.float16], [torch.float32]]
 
 
 def test_tensor_lr_and_betas():
