@@ -147,7 +147,9 @@ class TrainConfig:
         """UsageError for any value that cannot train: unknown choices, counts below 1, a seed torch
         refuses, and non-finite or out-of-range hyperparameters (the rules of :mod:`hift_ext.hparams`,
         shared with the transformers integration)."""
-        for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULERS)):
+        from hift_ext.lr import SCHEDULER_NAMES  # the API takes every schedule lr.py has; the CLI offers four
+
+        for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULER_NAMES)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"{flag(name)} {getattr(self, name)}: choose {', '.join(choices)}")
         try:
@@ -835,7 +837,10 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if not cfg.full and getattr(optimizer, "group_size", None) not in (None, cfg.group_size):
         log(f"group_size {cfg.group_size} is more than the model's {optimizer.group_size} layer units: "
             f"one group of all of them (HiFT updates the whole model each step here)")
-    scheduler = (scheduler_factory or make_scheduler)(cfg, optimizer, total_steps)
+    try:
+        scheduler = (scheduler_factory or make_scheduler)(cfg, optimizer, total_steps)
+    except (ValueError, TypeError) as exc:  # e.g. a schedule that needs arguments TrainConfig has not
+        raise UsageError(f"--scheduler {cfg.scheduler}: {exc}") from None
     if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--bf16: this GPU does not support bfloat16")
 

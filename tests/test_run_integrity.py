@@ -245,6 +245,7 @@ def test_train_config_validation_is_shared(tiny_bert, small_data):
         cfg = TrainConfig(model=tiny_bert, train=tr, eval=dev, progress=False, **bad)
         with pytest.raises(train.UsageError, match=words):
             run_finetune(cfg)
+    TrainConfig(scheduler="inverse_sqrt").validate()  # the API keeps every schedule of hift_ext.lr
 
 
 # ----------------------------------------------------------------------------- 8. NaN/inf steps
