@@ -5,7 +5,8 @@
     hift-ext groups [--model PATH] [--group-size N]   print the model's HiFT groups
 
 Bad input (data, model, output/resume directories, flags) prints one clear message and exits with
-code 2; the training loop itself lives in :mod:`hift_ext.train`.
+code 2; a run stopped because its loss or gradients stayed NaN/inf exits with code 3, Ctrl-C with
+130 (after saying how to resume). The training loop itself lives in :mod:`hift_ext.train`.
 """
 from __future__ import annotations
 
@@ -26,107 +27,94 @@ def _fail(cmd: str, msg: str, code: int = 2) -> int:
     return code
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _int_flag(low: Optional[int] = None, high: Optional[int] = None):
+    """An argparse type: an integer in [low, high] (the rules of hift_ext.hparams)."""
+    def parse(s: str) -> int:
+        from hift_ext import hparams
+
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        try:
+            return hparams.check_int("value", v, low, high)
+        except hparams.HParamError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+def _float_flag(key: str):
+    """An argparse type: a finite number within the range hift_ext.hparams.RULES[key] allows."""
+    def parse(s: str) -> float:
+        from hift_ext import hparams
+
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        try:
+            return hparams.check("value", v, hparams.RULES[key])
+        except hparams.HParamError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
-def _ratio(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+_positive_int = _int_flag(low=1)
 
 
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from hift_ext.train import DEFAULT_LR, TrainConfig
+    from hift_ext import hparams
+    from hift_ext.train import DEFAULT_LR, OPTIMIZERS, SCHEDULERS, STRATEGIES, TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(prog=PROG, description="HiFT: hierarchical full-parameter fine-tuning "
                                 "with fused optimizer kernels.")
     sub = p.add_subparsers(dest="command", metavar="{finetune,bench,groups}")
 
+    # Every default below is written from TrainConfig (one source); argparse's own defaults stay
+    # None so that `--resume DIR` can take the run's values for the flags not given.
     f = sub.add_parser(
         "finetune", help="fine-tune a sequence classifier (default: all-MiniLM-L6-v2 on SST-2, HiFT-AdamW)",
         description="Fine-tune a text classifier with HiFT (one layer group updated per step) or, with "
         "--full, standard full fine-tuning. Without arguments: the packaged all-MiniLM-L6-v2 on the "
-        "shipped SST-2, FusedHiFTAdamW, on the GPU if there is one.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # Defaults are None here so that `--resume DIR` can take the checkpoint's values for the flags
-    # not given; the effective defaults are TrainConfig's (shown in the help text).
+        "shipped SST-2, FusedHiFTAdamW, on the GPU if there is one, writing to runs/<model>-<mode>-<time>/.")
     g = f.add_argument_group("model and data")
     g.add_argument("--model", metavar="PATH", default=None,
                    help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
+    g.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory, for a model saved without one [default: the model's own]")
     g.add_argument("--train", metavar="FILE", default=None,
                    help="training data: .tsv (sentence<TAB>label), .csv or .jsonl (text, label) "
                    "[default: shipped SST-2 train]")
     g.add_argument("--eval", metavar="FILE", default=None,
                    help="evaluation data, same formats [default: shipped SST-2 dev]")
     g.add_argument("--max-train-examples", type=_positive_int, metavar="N", default=None,
-                   help="use only the first N training examples (quick runs)")
+                   help="use only the first N training examples (quick runs) [default: all]")
     g.add_argument("--max-eval-examples", type=_positive_int, metavar="N", default=None,
-                   help="use only the first N evaluation examples")
+                   help="use only the first N evaluation examples [default: all]")
     g.add_argument("--max-length", type=_positive_int, metavar="N", default=None,
                    help=f"max tokens per example [default: {d.max_length}]")
     o = f.add_argument_group("optimizer")
-    o.add_argument("--optimizer", choices=("adamw", "adagrad", "sgd"), default=None,
-                   help=f"base optimizer [default: {d.optimizer}]")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"base optimizer [default: {d.optimizer}]")
     o.add_argument("--full", action="store_true", default=None,
                    help="standard full fine-tuning with torch.optim (the baseline) instead of HiFT")
     o.add_argument("--group-size", type=_positive_int, metavar="M", default=None,
                    help=f"layer units per HiFT group [default: {d.group_size}]")
-    o.add_argument("--strategy", choices=("down2up", "up2down", "random"), default=None,
+    o.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help=f"order in which groups are updated [default: {d.strategy}]")
     lrs = ", ".join(f"{m}-{o_}: {v:g}" for (m, o_), v in DEFAULT_LR.items())
-    o.add_argument("--lr", type=_positive_float, metavar="LR", default=None,
+    o.add_argument("--lr", type=_float_flag("lr"), metavar="LR", default=None,
                    help=f"peak learning rate [default per mode and optimizer: {lrs}]")
-    o.add_argument("--weight-decay", type=_nonneg_float, metavar="WD", default=None,
+    o.add_argument("--weight-decay", type=_float_flag("weight_decay"), metavar="WD", default=None,
                    help=f"decoupled (adamw) / L2 weight decay [default: {d.weight_decay}]")
-    o.add_argument("--momentum", type=_nonneg_float, default=None, help=f"sgd momentum [default: {d.momentum}]")
-    o.add_argument("--scheduler", choices=("linear", "cosine", "constant", "constant_with_warmup"),
-                   default=None, help=f"LR schedule, delayed for HiFT [default: {d.scheduler}]")
-    o.add_argument("--warmup-ratio", type=_ratio, metavar="R", default=None,
+    o.add_argument("--momentum", type=_float_flag("momentum"), default=None,
+                   help=f"sgd momentum [default: {d.momentum}]")
+    o.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help=f"LR schedule, delayed for HiFT [default: {d.scheduler}]")
+    o.add_argument("--warmup-ratio", type=_float_flag("warmup_ratio"), metavar="R", default=None,
                    help=f"fraction of the steps spent warming up [default: {d.warmup_ratio}]")
-    o.add_argument("--max-grad-norm", type=_nonneg_float, default=None,
+    o.add_argument("--max-grad-norm", type=_float_flag("max_grad_norm"), default=None,
                    help=f"gradient clipping, 0 = off [default: {d.max_grad_norm}]")
     o.add_argument("--offload", dest="offload", action="store_true", default=None,
                    help="keep inactive groups' optimizer state on the host [default: on with a GPU]")
@@ -138,24 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, default=None, help=f"[default: {d.batch_size}]")
     t.add_argument("--grad-accum", type=_positive_int, metavar="N", default=None,
                    help=f"micro-batches per optimizer step [default: {d.grad_accum}]")
-    t.add_argument("--seed", type=int, default=None, help=f"[default: {d.seed}]")
+    t.add_argument("--seed", type=_int_flag(hparams.SEED_MIN, hparams.SEED_MAX), default=None,
+                   help=f"[default: {d.seed}]")
     t.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--max-nonfinite-steps", type=_positive_int, metavar="N", default=None,
+                   help="a step whose loss or gradients are NaN/inf is skipped; stop (exit 3) after N such "
+                   f"steps in a row [default: {d.max_nonfinite_steps}]")
+    t.add_argument("--device", default=d.device, help=f"auto, cpu, cuda or cuda:N [default: {d.device}]")
     t.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads for torch [default: one per core]; 1 is faster on a busy machine")
+                   help="CPU threads for torch; 1 is faster on a busy machine [default: one per core]")
     r = f.add_argument_group("output")
     r.add_argument("--output", metavar="DIR", default=None,
-                   help="write config.json, metrics.jsonl, metrics.json, loss.png, checkpoint/ and model/")
-    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+                   help="write config.json, metrics.jsonl, metrics.json, loss.png, checkpoint/ and model/ "
+                   "[default: a new runs/<model>-<mode>-<time>/]")
+    r.add_argument("--overwrite", action="store_true",
+                   help="reuse a non-empty --output: replaces the outputs of the run in it (other files stay)")
     r.add_argument("--resume", metavar="DIR", default=None,
                    help="continue the run whose --output was DIR, exactly (writes into DIR unless --output)")
-    r.add_argument("--logging-steps", type=_positive_int, metavar="N", default=10,
-                   help="log the training loss every N steps")
+    r.add_argument("--logging-steps", type=_positive_int, metavar="N", default=None,
+                   help=f"log the training loss every N steps [default: {d.logging_steps}]")
     r.add_argument("--save-steps", type=_positive_int, metavar="N", default=None,
                    help="also checkpoint every N steps (a checkpoint is always written after each epoch)")
     r.add_argument("--stop-after", type=_positive_int, metavar="N", default=None,
                    help="stop after N steps as if interrupted, leaving a checkpoint to --resume")
-    r.add_argument("--no-save-model", dest="save_model", action="store_false",
+    r.add_argument("--no-save-model", dest="save_model", action="store_false", default=None,
                    help="do not export the final model to OUTPUT/model")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -175,93 +169,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FINETUNE_FLAGS = (
-    "model", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer", "full",
-    "group_size", "strategy", "lr", "weight_decay", "momentum", "scheduler", "warmup_ratio",
+    "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
+    "full", "group_size", "strategy", "lr", "weight_decay", "momentum", "scheduler", "warmup_ratio",
     "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "bf16",
+    "logging_steps", "save_steps", "max_nonfinite_steps", "save_model",
 )
 
 
-def _config_from_args(args) -> "TrainConfig":
-    from hift_ext.train import TRAINING_KEYS, TrainConfig, load_checkpoint_config
+def _config_from_args(args):
+    """(TrainConfig, opened checkpoint or None, whether the output directory is the default one).
+    With --resume, the run's own values fill the flags not given (read from its JSON, once)."""
+    from hift_ext.checkpoint import open_checkpoint
+    from hift_ext.outputs import default_run_dir
+    from hift_ext.train import DEFAULT_MODEL_NAME, RESUMED_RUN_KEYS, TRAINING_KEYS, TrainConfig
 
     explicit = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
     base: Dict[str, object] = {}
+    ck = None
+    default_output = False
+    output = args.output
     if args.resume is not None:
-        saved = load_checkpoint_config(args.resume)
-        base = {k: saved[k] for k in TRAINING_KEYS if k in saved}
-        if "offload" in saved:
-            base["offload"] = saved["offload"]
-        if args.output is None:
-            from hift_ext.train import CKPT_DIR, find_checkpoint
-
-            ck = find_checkpoint(args.resume)
-            args.output = os.path.dirname(ck) if os.path.basename(os.path.normpath(ck)) == CKPT_DIR else ck
+        ck = open_checkpoint(args.resume)
+        saved = ck.config
+        base = {k: saved[k] for k in TRAINING_KEYS + RESUMED_RUN_KEYS if k in saved}
+        if output is None:
+            output = ck.run_dir
+    elif output is None:
+        model_name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME
+        output = default_run_dir(model_name, "full" if args.full else "hift")
+        default_output = True
     cfg = TrainConfig(**{**base, **explicit})
     cfg.device = args.device
     cfg.threads = args.threads
-    cfg.output = args.output
+    cfg.output = output
     cfg.resume = args.resume
     cfg.overwrite = args.overwrite
-    cfg.logging_steps = args.logging_steps
-    cfg.save_steps = args.save_steps
     cfg.stop_after = args.stop_after
     cfg.progress = args.progress
-    cfg.save_model = args.save_model
-    return cfg
-
-
-def _human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _human_time(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def format_summary(cfg, m: Dict) -> str:
-    mode = "full fine-tuning" if m["mode"] == "full" else (
-        f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}")
-    rows = [
-        ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"),
-        ("eval accuracy", "n/a (no eval data)" if m["eval_accuracy"] is None
-         else f"{100 * m['eval_accuracy']:.2f}%"),
-        ("train examples/s", f"{m['train_examples_per_s']:.1f}"),
-        ("train time", f"{_human_time(m['train_time_s'])} ({m['steps']} steps, {m['epochs']} epochs, "
-                       f"{m['device']})"),
-        (f"peak memory", f"{_human_bytes(m['peak_memory_bytes'])} ({m['peak_memory_kind']})"),
-        ("optimizer state on device", f"{_human_bytes(m['optimizer_state_device_bytes'])} (max over the run)"),
-        ("  largest group's state", f"{_human_bytes(m['optimizer_state_largest_group_bytes'])}"
-                                    + (" (all HiFT needs on a GPU with offload)" if m["mode"] == "hift" else "")),
-        ("  full fine-tuning holds", f"{_human_bytes(m['optimizer_state_full_ft_bytes'])}"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    line = "-" * (w + 2 + max(len(v) for _, v in rows))
-    out = [line] + [f"{k:<{w}}  {v}" for k, v in rows] + [line]
-    if not m.get("completed", True):
-        out.append(f"(stopped early after step {m['steps']}/{m['total_steps']}: "
-                   f"continue with --resume {cfg.output})")
-    if cfg.output:
-        out.append(f"outputs in {cfg.output}: config.json metrics.jsonl metrics.json loss.png checkpoint/"
-                   + (" model/" if cfg.save_model and m.get("completed", True) else ""))
-    return "\n".join(out)
+    return cfg, ck, default_output
 
 
 def cmd_finetune(args) -> int:
     from hift_ext.data import DataError
-    from hift_ext.train import UsageError, run_finetune
+    from hift_ext.errors import NonFiniteTrainingError, RunInterrupted, UsageError
+    from hift_ext.report import format_summary
+    from hift_ext.train import run_finetune
 
     try:
-        cfg = _config_from_args(args)
-        metrics = run_finetune(cfg)
+        cfg, ck, default_output = _config_from_args(args)
+        if default_output:
+            print(f"{PROG} finetune: no --output given: the run goes to {cfg.output}", file=sys.stderr)
+        metrics = run_finetune(cfg, checkpoint=ck)
     except (UsageError, DataError) as exc:
         return _fail("finetune", str(exc))
+    except NonFiniteTrainingError as exc:
+        return _fail("finetune", str(exc), code=NonFiniteTrainingError.exit_code)
+    except RunInterrupted as exc:
+        print(f"\n{PROG} finetune: {exc}", file=sys.stderr)
+        return RunInterrupted.exit_code
     except KeyboardInterrupt:
         print(f"\n{PROG} finetune: interrupted", file=sys.stderr)
         return 130
@@ -270,6 +235,8 @@ def cmd_finetune(args) -> int:
 
         if isinstance(exc, (ExtensionMissingError, ImportError)):
             return _fail("finetune", str(exc), code=1)
+        if isinstance(exc, OSError) and exc.filename:  # e.g. the disk filled up while writing
+            return _fail("finetune", f"{exc.filename}: {exc.strerror or exc}", code=1)
         raise
     print(format_summary(cfg, metrics))
     return 0
@@ -321,7 +288,8 @@ def cmd_bench(args, extra: Sequence[str]) -> int:
 
 # -------------------------------------------------------------------------------------- groups
 def cmd_groups(args) -> int:
-    from hift_ext.train import UsageError, resolve_model_path
+    from hift_ext.errors import UsageError
+    from hift_ext.train import resolve_model_path
 
     try:
         path = resolve_model_path(args.model)
@@ -343,7 +311,7 @@ def _load_any_model(path: str):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from hift_ext.train import UsageError
+    from hift_ext.errors import UsageError
 
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise UsageError(f"--model {path}: not a transformers model directory (no config.json)")

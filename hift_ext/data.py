@@ -186,7 +186,8 @@ def load_examples(path: str, max_examples: Optional[int] = None) -> Examples:
     reader = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl}[fmt]
     texts, labels, lines = [], [], []
     try:
-        with open(path, "r", encoding="utf-8", newline="" if fmt == "csv" else None) as fh:
+        # utf-8-sig: a byte-order mark (Excel and Notepad write one) is not part of the first field
+        with open(path, "r", encoding="utf-8-sig", newline="" if fmt == "csv" else None) as fh:
             for lineno, text, label in reader(path, fh):
                 texts.append(text)
                 labels.append(label)
@@ -228,16 +229,19 @@ def build_label_map(labels: Sequence[str], num_labels: Optional[int] = None,
     return {s: i for i, s in enumerate(uniq)}
 
 
-def encode_labels(ex: Examples, label_map: Dict[str, int]) -> List[int]:
+def encode_labels(ex: Examples, label_map: Dict[str, int], known: str = "the model's labels are") -> List[int]:
+    """Class ids of ``ex``'s labels; a DataError naming the file and line for a label outside
+    ``label_map``. ``known`` says where the map's labels come from, for that message (e.g. the
+    training data's labels, which an eval file must not add to)."""
     out = []
     for text_label, lineno in zip(ex.labels, ex.lines):
         key = text_label
         if key not in label_map and _is_int(key) and str(int(key)) in label_map:
             key = str(int(key))
         if key not in label_map:
-            known = ", ".join(sorted(label_map, key=lambda k: (label_map[k], k)))
+            names = ", ".join(sorted(label_map, key=lambda k: (label_map[k], k)))
             raise DataError(
-                f"{ex.path}, line {lineno}: unknown label {text_label!r} (the model's labels are: {known})"
+                f"{ex.path}, line {lineno}: unknown label {text_label!r} ({known}: {names})"
             )
         out.append(label_map[key])
     return out

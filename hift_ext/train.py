@@ -1,13 +1,15 @@
 """The training loop behind ``hift-ext finetune``: sequence classification with HiFT or full FT.
 
-``run_finetune(cfg)`` takes a :class:`TrainConfig` and returns the final metrics dict. It owns the
-loop (gradient accumulation, clipping, the delayed LR schedule, AMP, evaluation after each epoch,
-logging to metrics.jsonl, checkpoints that a resumed run continues bitwise exactly); argument parsing
-and printing of errors live in :mod:`hift_ext.cli`.
+``run_finetune(cfg)`` takes a :class:`TrainConfig` and returns the final metrics dict. It validates
+every input before it touches the output directory, then runs the loop (gradient accumulation,
+clipping, the delayed LR schedule, AMP, evaluation after each epoch, skipping of steps whose loss or
+gradients are not finite) and hands files to :mod:`hift_ext.checkpoint` (exact-resume checkpoints)
+and :mod:`hift_ext.report` (metrics.jsonl, metrics.json, loss.png). Argument parsing and printing of
+errors live in :mod:`hift_ext.cli`, the output directory rules in :mod:`hift_ext.outputs`.
 
 Exact resume: a checkpoint holds the model, the optimizer (HiFT: per-group state + group schedule),
-the LR scheduler, every RNG (python, torch CPU/CUDA), the data position (epoch, micro-batch) and
-the counters behind the metrics. Epoch ``e`` is shuffled by a pure function of (seed, e), so the
+the LR scheduler, every RNG (python, numpy, torch CPU/CUDA), the data position (epoch, micro-batch)
+and the counters behind the metrics. Epoch ``e`` is shuffled by a pure function of (seed, e), so the
 batches after a resume are the ones the uninterrupted run sees.
 """
 from __future__ import annotations
@@ -17,16 +19,29 @@ import json
 import math
 import os
 import random
-import shutil
+import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from hift_ext import hparams
+from hift_ext.atomic_io import install_dir, make_temp_dir, remove_entry, write_text
+from hift_ext.checkpoint import (
+    POINTER,
+    Checkpoint,
+    changed_data_files,
+    config_mismatch,
+    file_fingerprint,
+    nonfinite_tensors,
+    open_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from hift_ext.data import (
-    DataError,
     TokenizedDataset,
     build_label_map,
     encode_labels,
@@ -34,14 +49,20 @@ from hift_ext.data import (
     load_examples,
     shipped_sst2,
 )
+from hift_ext.errors import NonFiniteTrainingError, RunInterrupted, UsageError
+from hift_ext.outputs import check_output, prepare_output
+from hift_ext.report import MetricsLog, dumps, plot_loss, write_metrics_json
 
 __all__ = [
     "TrainConfig",
     "UsageError",
+    "NonFiniteTrainingError",
+    "RunInterrupted",
     "run_finetune",
     "default_lr",
     "DEFAULT_MODEL_NAME",
     "TRAINING_KEYS",
+    "RESUMED_RUN_KEYS",
     "resolve_model_path",
 ]
 
@@ -57,15 +78,20 @@ DEFAULT_LR = {
     ("hift", "sgd"): 5e-2,
     ("full", "sgd"): 1e-2,
 }
+OPTIMIZERS = ("adamw", "adagrad", "sgd")
+STRATEGIES = ("down2up", "up2down", "random")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
-class UsageError(Exception):
-    """Bad input the user can fix (data, model, resume/output directories). Exit code 2."""
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field (messages name what the user typed)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
 class TrainConfig:
     model: Optional[str] = None  # None: the packaged all-MiniLM-L6-v2
+    tokenizer: Optional[str] = None  # None: the model directory's own tokenizer
     train: Optional[str] = None  # None: shipped SST-2 train
     eval: Optional[str] = None  # None: shipped SST-2 dev (when train is None too)
     optimizer: str = "adamw"
@@ -94,12 +120,13 @@ class TrainConfig:
     # -- run control (not part of the training configuration a resume must match)
     device: str = "auto"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default, one per core)
-    output: Optional[str] = None
+    output: Optional[str] = None  # None: nothing is written (the CLI picks runs/<model>-<mode>-<time>)
     resume: Optional[str] = None
     overwrite: bool = False
     logging_steps: int = 10
     save_steps: Optional[int] = None  # extra checkpoint every N steps (always at each epoch end)
     stop_after: Optional[int] = None  # stop as if interrupted after N steps, leaving a checkpoint
+    max_nonfinite_steps: int = 10  # stop (exit 3) after this many skipped steps in a row
     progress: bool = True
     save_model: bool = True  # export the final model with save_pretrained into OUTPUT/model
 
@@ -116,14 +143,42 @@ class TrainConfig:
         d["lr"] = self.resolved_lr()
         return d
 
+    def validate(self) -> None:
+        """UsageError for any value that cannot train: unknown choices, counts below 1, a seed torch
+        refuses, and non-finite or out-of-range hyperparameters (the rules of :mod:`hift_ext.hparams`,
+        shared with the transformers integration)."""
+        from hift_ext.lr import SCHEDULER_NAMES  # the API takes every schedule lr.py has; the CLI offers four
+
+        for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULER_NAMES)):
+            if getattr(self, name) not in choices:
+                raise UsageError(f"{flag(name)} {getattr(self, name)}: choose {', '.join(choices)}")
+        try:
+            for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size", "logging_steps",
+                         "max_nonfinite_steps"):
+                hparams.check_int(flag(name), getattr(self, name), low=1)
+            for name in ("max_steps", "max_train_examples", "max_eval_examples", "save_steps", "stop_after",
+                         "threads"):
+                if getattr(self, name) is not None:
+                    hparams.check_int(flag(name), getattr(self, name), low=1)
+            hparams.check_int("--seed", self.seed, hparams.SEED_MIN, hparams.SEED_MAX)
+            hparams.check_all({"lr": self.resolved_lr(), "weight_decay": self.weight_decay,
+                               "momentum": self.momentum, "max_grad_norm": self.max_grad_norm,
+                               "warmup_ratio": self.warmup_ratio},
+                              names={k: flag(k) for k in ("lr", "weight_decay", "momentum", "max_grad_norm",
+                                                          "warmup_ratio")})
+        except hparams.HParamError as exc:
+            raise UsageError(str(exc)) from None
+
 
 # Keys a resumed run must share with the checkpoint (everything that changes the numbers).
 TRAINING_KEYS = (
-    "model", "train", "eval", "optimizer", "full", "group_size", "strategy", "epochs", "lr",
+    "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "epochs", "lr",
     "weight_decay", "momentum", "batch_size", "grad_accum", "max_length", "max_grad_norm",
     "scheduler", "warmup_ratio", "seed", "bf16", "max_steps", "max_train_examples",
     "max_eval_examples",
 )
+# Run control a resumed run keeps unless the command line sets it again.
+RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model")
 
 
 def default_lr(mode: str, optimizer: str) -> float:
@@ -173,14 +228,20 @@ def _has_custom_labels(config) -> bool:
     return bool(names) and not all(n.startswith("LABEL_") for n in names)
 
 
-def load_model_and_tokenizer(path: str, num_labels: int, label_map: Dict[str, int], config):
+def load_model_and_tokenizer(path: str, num_labels: int, label_map: Dict[str, int], config,
+                             tokenizer_path: Optional[str] = None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    tok_path = tokenizer_path or path
+    tok_flag = "--tokenizer" if tokenizer_path else "--model"
+    if tokenizer_path and not os.path.isdir(tokenizer_path):
+        raise UsageError(f"--tokenizer {tokenizer_path}: not a directory (expected a saved tokenizer)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--model {path}: cannot load its tokenizer ({exc.__class__.__name__}: {exc})") from None
+        raise UsageError(f"{tok_flag} {tok_path}: cannot load its tokenizer ({exc.__class__.__name__}: {exc})"
+                         + ("" if tokenizer_path else "; pass --tokenizer DIR")) from None
     id2label = {i: l for l, i in label_map.items()} if not all(k.isdigit() for k in label_map) else None
     kw = dict(num_labels=num_labels, local_files_only=True)
     if id2label:
@@ -200,6 +261,45 @@ def load_model_and_tokenizer(path: str, num_labels: int, label_map: Dict[str, in
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_tokenizer(tokenizer, texts: Sequence[str], model_path: str, tokenizer_path: Optional[str]) -> None:
+    """Refuse a tokenizer that turns real text into unknown tokens only. A model directory saved
+    without its tokenizer files still "loads" one (transformers builds a 5-token vocabulary from
+    the config), and training on [UNK] ids would run to the end and learn nothing."""
+    sample = list(texts[:256])
+    enc = tokenizer(sample, add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
+    ids = [i for seq in enc for i in seq]
+    unk = tokenizer.unk_token_id
+    if ids and not (unk is not None and all(i == unk for i in ids)):
+        return
+    where = tokenizer_path or model_path
+    found = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(where, f))]
+    what = (f"its tokenizer ({len(tokenizer)} tokens) turns every word of the training text into "
+            f"{tokenizer.unk_token or 'the unknown token'}" if ids else "its tokenizer produces no tokens for the training text")
+    files = (f"the directory has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)" if not found
+             else f"tokenizer files found: {', '.join(found)}")
+    if tokenizer_path:
+        raise UsageError(f"--tokenizer {tokenizer_path}: {what}; {files}. Pass the tokenizer the model "
+                         "was trained with")
+    raise UsageError(f"--model {model_path}: {what}; {files}. Pass --tokenizer DIR (e.g. the base model "
+                     "this checkpoint was fine-tuned from), or save the tokenizer beside the model "
+                     "(tokenizer.save_pretrained(MODEL_DIR))")
+
+
+def check_token_ids(ds: TokenizedDataset, model, tokenizer_flag: str) -> None:
+    """A token id beyond the embedding table would crash mid-run (an index error on the CPU, a
+    device-side assert on the GPU): say so before training."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    top = max((max(seq) for seq in ds.input_ids if seq), default=-1)
+    if rows is not None and top >= rows:
+        raise UsageError(f"{tokenizer_flag}: the tokenizer produces token id {top}, but the model's embedding "
+                         f"has only {rows} rows: the tokenizer does not belong to this model")
 
 
 # ------------------------------------------------------------------------------ optimizers and LR
@@ -311,107 +411,22 @@ def peak_memory_bytes(device: torch.device) -> Tuple[int, str]:
     except Exception:  # noqa: BLE001
         return 0, "unavailable"
 
-
-# ---------------------------------------------------------------------------------- checkpoints
-CKPT_DIR = "checkpoint"
-CKPT_FILE = "trainer_state.pt"
-MODEL_FILE = "model.pt"
-
-
-def _rng_state() -> Dict[str, Any]:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        st["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return st
-
-
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    if "numpy" in st:
-        import numpy as np
-
-        np.random.set_state(st["numpy"])
-
-
-def find_checkpoint(path: str) -> str:
-    """Accept OUTPUT or OUTPUT/checkpoint; return the checkpoint directory."""
-    for cand in (os.path.join(path, CKPT_DIR), path):
-        if os.path.isfile(os.path.join(cand, CKPT_FILE)):
-            return cand
-    if not os.path.isdir(path):
-        raise UsageError(f"--resume {path}: no such directory")
-    raise UsageError(f"--resume {path}: no checkpoint there (expected {CKPT_DIR}/{CKPT_FILE}, "
-                     "written by `hift-ext finetune --output DIR`)")
-
-
-def load_checkpoint_config(path: str) -> Dict[str, Any]:
-    ckpt = find_checkpoint(path)
-    try:
-        state = torch.load(os.path.join(ckpt, CKPT_FILE), map_location="cpu", weights_only=False)
-        return dict(state["config"])
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--resume {path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from None
-
-
-def config_mismatch(saved: Dict[str, Any], cfg: TrainConfig) -> List[str]:
-    now = cfg.to_dict()
-    return [f"{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}"
-            for k in TRAINING_KEYS if saved.get(k) != now.get(k)]
-
-
-# ------------------------------------------------------------------------------------ plotting
-def plot_loss(metrics_path: str, png_path: str, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    steps, losses, ev_steps, ev_acc = [], [], [], []
-    with open(metrics_path) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec.get("type") == "train":
-                steps.append(rec["step"])
-                losses.append(rec["loss"])
-            elif rec.get("type") == "eval":
-                ev_steps.append(rec["step"])
-                ev_acc.append(rec["eval_accuracy"])
-    if not steps:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, label="train loss", color="tab:blue")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    if ev_steps:
-        ax2 = ax.twinx()
-        ax2.plot(ev_steps, [100 * a for a in ev_acc], "o-", color="tab:orange", label="eval accuracy")
-        ax2.set_ylabel("eval accuracy (%)")
-    fig.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # ------------------------------------------------------------------------------------ the loop
 def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UsageError(f"--device {name}: hift-ext trains on cpu or cuda (auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -432,67 +447,289 @@ def evaluate(model, ds: TokenizedDataset, device, batch_size: int, autocast_ctx)
     return {"eval_accuracy": correct / total, "eval_loss": loss_sum / total, "eval_examples": total}
 
 
-def _prepare_output(cfg: TrainConfig) -> Optional[str]:
-    out = cfg.output
-    if out is None:
+class _TrainClock:
+    """Training time as wall clock between reporting points. On a GPU it waits for the compute
+    stream only when a figure is reported (logging steps, epoch ends, checkpoints): a synchronize
+    after every step would also wait for the offload engine's copy streams and undo their overlap."""
+
+    def __init__(self, device: torch.device, counters: Dict[str, Any]):
+        self._cuda = device.type == "cuda"
+        self._device = device
+        self._counters = counters
+        self._mark = time.perf_counter()
+        self.examples = 0  # since the mark
+
+    def restart(self) -> None:
+        """Leave out what happened since the last account (evaluation, checkpoint writing)."""
+        self._mark = time.perf_counter()
+        self.examples = 0
+
+    def account(self) -> None:
+        if self._cuda:
+            torch.cuda.current_stream(self._device).synchronize()
+        now = time.perf_counter()
+        self._counters["train_time_s"] += now - self._mark
+        self._counters["train_examples"] += self.examples
+        self._mark, self.examples = now, 0
+
+    def rate(self) -> float:
+        return self._counters["train_examples"] / max(self._counters["train_time_s"], 1e-9)
+
+
+def _fresh_counters() -> Dict[str, Any]:
+    return {"train_time_s": 0.0, "train_examples": 0, "max_device_state": 0, "max_group_state": 0,
+            "evals": [], "skipped_steps": 0, "nonfinite_streak": 0,
+            # the training loss since the last logged record: saved, so a resumed run logs the same means
+            "window_loss": 0.0, "window_n": 0}
+
+
+def _total_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip when ``max_norm > 0``; either way the total gradient norm (inf/NaN when a gradient is
+    not finite: the caller skips the step)."""
+    grads = [p for p in params if p.grad is not None]
+    if max_norm and max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False)
+    return torch.nn.utils.get_total_norm([p.grad for p in grads], error_if_nonfinite=False)
+
+
+class _Training:
+    """One run of the loop: the training state, the checkpoint it writes and what it reports."""
+
+    def __init__(self, cfg: TrainConfig, *, model, optimizer, scheduler, train_ds: TokenizedDataset,
+                 eval_ds: Optional[TokenizedDataset], device: torch.device, total_steps: int,
+                 steps_per_epoch: int, n_epochs: int, metrics: MetricsLog, state_extra: Dict[str, Any],
+                 source: Optional[Checkpoint], log: Callable[[str], None]):
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+        self.train_ds, self.eval_ds, self.device = train_ds, eval_ds, device
+        self.total_steps, self.steps_per_epoch, self.n_epochs = total_steps, steps_per_epoch, n_epochs
+        self.metrics, self.state_extra, self.source, self.log = metrics, state_extra, source, log
+        self.out = cfg.output
+        self.params = list(model.parameters())
+        self.epoch, self.micro, self.step = 0, 0, 0
+        self.counters = _fresh_counters()
+        self.clock = _TrainClock(device, self.counters)
+        self.stopped = False
+        self._pbar = None  # the progress bar of run()
+        # where `--resume` finds the newest checkpoint: (path to pass, its step)
+        self.resumable: Optional[Tuple[str, int]] = None
+        if source is not None and self.out and _same_dir(source.run_dir, self.out):
+            self.resumable = (self.out, source.step)
+
+    # ---- state
+    def restore(self, state: Dict[str, Any], tensors: Dict[str, Any]) -> None:
+        self.epoch, self.micro, self.step = int(state["epoch"]), int(state["micro"]), int(state["step"])
+        self.counters.update(state["counters"])
+        set_rng_state(state["rng"], tensors["rng"])
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def save(self) -> None:
+        """Checkpoint the current position. Weights that are not finite stop the run instead (with
+        or without an output directory): a diverged model must neither replace the last good
+        checkpoint nor count as trained."""
+        self.clock.account()
+        model_state = self.model.state_dict()
+        bad = nonfinite_tensors(model_state)
+        if bad:
+            raise self._stop_for_nonfinite(
+                f"the model's weights became non-finite (NaN/inf) by step {self.step} ({len(bad)} tensor(s), "
+                f"e.g. {bad[0]}), so they were not checkpointed")
+        if self.out:
+            js_rng, tensor_rng = rng_state()
+            state = {"config": self.cfg.to_dict(), "epoch": self.epoch, "micro": self.micro, "step": self.step,
+                     "counters": dict(self.counters), "rng": js_rng, **self.state_extra}
+            tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "rng": tensor_rng}
+            save_checkpoint(self.out, step=self.step, model_state=model_state, tensors=tensors,
+                            state=json_roundtrip(state), history=self.metrics.lines)
+            self.resumable = (self.out, self.step)
+        self.clock.restart()
+
+    # ---- messages
+    def resume_command(self) -> Optional[str]:
+        if self.resumable is not None:
+            return f"hift-ext finetune --resume {shlex.quote(self.resumable[0])}"
+        if self.source is not None:  # resumed into another directory, no checkpoint of its own yet
+            cmd = f"hift-ext finetune --resume {shlex.quote(self.source.path)}"
+            return cmd + (f" --output {shlex.quote(self.out)} --overwrite" if self.out else "")
         return None
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--output {out}: exists and is not a directory")
-    resuming_here = cfg.resume is not None and os.path.abspath(
-        os.path.dirname(find_checkpoint(cfg.resume))
-        if os.path.basename(os.path.normpath(find_checkpoint(cfg.resume))) == CKPT_DIR
-        else find_checkpoint(cfg.resume)) == os.path.abspath(out)
-    if os.path.isdir(out) and os.listdir(out) and not resuming_here:
-        if not cfg.overwrite:
-            raise UsageError(f"--output {out}: directory exists and is not empty; pass --overwrite to "
-                             "replace its contents, or --resume to continue the run in it")
-        for name in os.listdir(out):
-            p = os.path.join(out, name)
-            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
-    os.makedirs(out, exist_ok=True)
-    return out
+
+    def where_to_resume(self) -> str:
+        cmd = self.resume_command()
+        if cmd is None:
+            if not self.out:
+                return "nothing was saved (no --output)"
+            first = (f"after epoch 1 or at step {self.cfg.save_steps}" if self.cfg.save_steps else "after epoch 1")
+            return f"no checkpoint was written yet (the first one is written {first}); start the run again"
+        step = self.resumable[1] if self.resumable else self.source.step
+        where = (os.path.join(self.resumable[0], POINTER) if self.resumable else self.source.path)
+        return f"the last checkpoint is {where} (step {step}); continue with:\n  {cmd}"
+
+    def _stop_for_nonfinite(self, detail: str) -> NonFiniteTrainingError:
+        return NonFiniteTrainingError(
+            f"training stopped at step {self.step}/{self.total_steps}: {detail}; "
+            f"{self.where_to_resume()}\nWhat to try: a lower --lr (now "
+            f"{self.cfg.resolved_lr():g}), gradient clipping (--max-grad-norm 1.0; now {self.cfg.max_grad_norm:g}), "
+            f"{'no --bf16, ' if self.cfg.bf16 else ''}or check the data for odd examples; "
+            f"--max-nonfinite-steps N tolerates longer runs of bad steps")
+
+    # ---- the loop
+    def run(self, pbar) -> None:
+        self._pbar = pbar
+        try:
+            self._loop(pbar)
+        except KeyboardInterrupt:
+            raise RunInterrupted(f"interrupted at step {self.step}/{self.total_steps}; "
+                                 f"{self.where_to_resume()}") from None
+
+    def _postfix(self, pbar, loss: Optional[float], group: str) -> None:
+        skipped = self.counters["skipped_steps"]
+        pbar.set_postfix_str(f"loss={'nan' if loss is None else f'{loss:.4f}'} ex/s={self.clock.rate():.1f} "
+                             f"group={group} epoch={self.epoch + 1}" + (f" skipped={skipped}" if skipped else ""))
+
+    def _skip(self, batches_len: int, loss_bad: Optional[float], grad_norm: float) -> None:
+        """A step whose loss or gradient is not finite: nothing is applied (no optimizer or scheduler
+        step, so the HiFT group is retried with the next batch), the gradients are dropped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        c = self.counters
+        c["skipped_steps"] += 1
+        c["nonfinite_streak"] += 1
+        what = "loss" if loss_bad is not None else "gradient norm"
+        self.metrics.emit({"type": "skip", "step": self.step, "epoch": round(self.epoch + self.micro / batches_len, 4),
+                           "reason": f"non-finite {what}", "loss": loss_bad, "grad_norm": grad_norm,
+                           "skipped_steps": c["skipped_steps"], "in_a_row": c["nonfinite_streak"]})
+        self.log(f"step {self.step + 1}: non-finite {what} ({loss_bad if loss_bad is not None else grad_norm}); "
+                 f"step skipped ({c['nonfinite_streak']} in a row, {c['skipped_steps']} in all)")
+        self._postfix(self._pbar, c["window_loss"] / c["window_n"] if c["window_n"] else None,
+                      active_group_label(self.optimizer))
+        if c["nonfinite_streak"] >= self.cfg.max_nonfinite_steps:
+            raise self._stop_for_nonfinite(
+                f"the loss or the gradients were not finite (NaN/inf) for {c['nonfinite_streak']} steps in a "
+                f"row ({c['skipped_steps']} skipped in all; skipped steps change nothing)")
+
+    def _loop(self, pbar) -> None:
+        cfg, model, optimizer, scheduler, c = self.cfg, self.model, self.optimizer, self.scheduler, self.counters
+        bad_loss: Optional[float] = None  # a non-finite loss among the step's micro-batches
+        optimizer.zero_grad(set_to_none=True)
+        self.clock.restart()
+        while self.epoch < self.n_epochs and self.step < self.total_steps and not self.stopped:
+            order = epoch_permutation(len(self.train_ds), cfg.seed, self.epoch)
+            batches = self.train_ds.batches(order, cfg.batch_size)
+            while self.micro < len(batches) and self.step < self.total_steps:
+                idx = batches[self.micro]
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
+                with self.autocast():
+                    loss = model(**batch).loss
+                (loss / cfg.grad_accum).backward()
+                loss_value = float(loss.detach().float())
+                if math.isfinite(loss_value):
+                    c["window_loss"] += loss_value
+                    c["window_n"] += 1
+                else:
+                    bad_loss = loss_value
+                self.clock.examples += len(idx)
+                self.micro += 1
+                if self.micro % cfg.grad_accum != 0 and self.micro != len(batches):
+                    continue
+                grad_norm = float(_total_grad_norm(self.params, cfg.max_grad_norm))
+                if bad_loss is not None or not math.isfinite(grad_norm):
+                    self._skip(len(batches), bad_loss, grad_norm)
+                    bad_loss = None
+                    continue
+                c["nonfinite_streak"] = 0
+                lr_used = optimizer.param_groups[0]["lr"]
+                group_used = active_group_label(optimizer)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                pbar.update(1)
+                mean_loss = c["window_loss"] / c["window_n"] if c["window_n"] else None
+                self._postfix(pbar, mean_loss, group_used)
+                if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                    self.clock.account()
+                    c["max_device_state"] = max(c["max_device_state"], device_state_bytes(optimizer, self.device))
+                    c["max_group_state"] = max(c["max_group_state"], largest_group_state_bytes(optimizer))
+                    self.metrics.emit({"type": "train", "step": self.step,
+                                       "epoch": round(self.epoch + self.micro / len(batches), 4),
+                                       "loss": mean_loss, "lr": lr_used,
+                                       "group": group_used, "examples_per_s": self.clock.rate(),
+                                       "elapsed_s": c["train_time_s"]})
+                    c["window_loss"], c["window_n"] = 0.0, 0
+                epoch_ends = self.micro >= len(batches) or self.step >= self.total_steps
+                if cfg.save_steps and self.step % cfg.save_steps == 0 and not epoch_ends:
+                    self.save()  # (the epoch end saves anyway) accounts the time before, restarts after
+                if cfg.stop_after and self.step >= cfg.stop_after and self.step < self.total_steps:
+                    self.stopped = True
+                    break
+            if self.stopped:
+                break
+            # end of epoch (or of max_steps): evaluate, checkpoint
+            self.clock.account()
+            if self.eval_ds is not None:
+                ev = evaluate(model, self.eval_ds, self.device, 2 * cfg.batch_size, self.autocast)
+                ev.update({"type": "eval", "step": self.step, "epoch": self.epoch + 1,
+                           "elapsed_s": c["train_time_s"]})
+                c["evals"].append(ev)
+                self.metrics.emit(ev)
+                self.log(f"epoch {self.epoch + 1}/{self.n_epochs}: eval accuracy {100 * ev['eval_accuracy']:.2f}% "
+                         f"(loss {ev['eval_loss']:.4f}, {ev['eval_examples']} examples)")
+                self.clock.restart()  # evaluation is not training time
+            self.epoch, self.micro = self.epoch + 1, 0
+            self.save()
+        if self.stopped:
+            self.save()
+            self.log(f"stopped after step {self.step}/{self.total_steps}; continue with: {self.resume_command()}")
+
+    # ---- the final figures
+    def final_metrics(self, completed: bool) -> Dict[str, Any]:
+        cfg, c, opt, device = self.cfg, self.counters, self.optimizer, self.device
+        c["max_device_state"] = max(c["max_device_state"], device_state_bytes(opt, device))
+        c["max_group_state"] = max(c["max_group_state"], largest_group_state_bytes(opt))
+        peak, peak_kind = peak_memory_bytes(device)
+        last_eval = c["evals"][-1] if c["evals"] else {}
+        full_state = sum(p.numel() * 4 for p in self.params if p.is_floating_point()) * _state_slots(
+            cfg.optimizer, cfg.momentum)
+        return {
+            "eval_accuracy": last_eval.get("eval_accuracy"),
+            "eval_loss": last_eval.get("eval_loss"),
+            "eval_history": [{"epoch": e["epoch"], "step": e["step"], "eval_accuracy": e["eval_accuracy"],
+                              "elapsed_s": e["elapsed_s"]} for e in c["evals"]],
+            "train_examples_per_s": self.clock.rate(),
+            "train_time_s": c["train_time_s"],
+            "train_examples": c["train_examples"],
+            "skipped_steps": c["skipped_steps"],
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "optimizer_state_device_bytes": c["max_device_state"],
+            "optimizer_state_largest_group_bytes": c["max_group_state"],
+            "optimizer_state_full_ft_bytes": full_state,
+            "epochs": self.n_epochs if not cfg.max_steps else round(self.step / self.steps_per_epoch, 4),
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "completed": completed,
+            "optimizer": cfg.optimizer,
+            "mode": cfg.mode,
+            "lr": cfg.resolved_lr(),
+            "group_size": getattr(opt, "group_size", cfg.group_size) if not cfg.full else None,
+            "strategy": cfg.strategy if not cfg.full else None,
+            "num_groups": getattr(opt, "num_groups", 1),
+            "device": str(device),
+            "seed": cfg.seed,
+        }
 
 
-def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFactory] = None,
-                 scheduler_factory=None, log: Callable[[str], None] = None) -> Dict[str, Any]:
-    """Fine-tune; returns the metrics dict (also written to OUTPUT/metrics.json).
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists; non-finite floats become None)."""
+    return json.loads(dumps(obj))
 
-    ``optimizer_factory(cfg, model)`` / ``scheduler_factory(cfg, optimizer, total_steps)`` replace
-    the built-in ones (benchmarks and tests use this to compare implementations).
-    """
-    from tqdm.auto import tqdm
 
-    if log is None:
-        def log(msg):
-            tqdm.write(msg, file=sys.stderr)
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
-    # ---- validation that needs no model
-    if cfg.optimizer not in ("adamw", "adagrad", "sgd"):
-        raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw, adagrad or sgd")
-    if cfg.strategy not in ("down2up", "up2down", "random"):
-        raise UsageError(f"--strategy {cfg.strategy}: choose down2up, up2down or random")
-    for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size", "logging_steps"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.resolved_lr() <= 0:
-        raise UsageError(f"--lr must be > 0, got {cfg.resolved_lr()}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    device = _pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
 
-    ckpt_dir = None
-    if cfg.resume is not None:
-        ckpt_dir = find_checkpoint(cfg.resume)
-        saved = load_checkpoint_config(cfg.resume)
-        diff = config_mismatch(saved, cfg)
-        if diff:
-            raise UsageError(f"--resume {cfg.resume}: the checkpoint was written by another configuration:\n  "
-                             + "\n  ".join(diff))
-    out = _prepare_output(cfg)
-
-    # ---- data
+def _load_data(cfg: TrainConfig):
     if cfg.train is None and cfg.eval is None:
         train_path, eval_path = shipped_sst2("train"), shipped_sst2("dev")
     else:
@@ -501,26 +738,92 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         train_path, eval_path = cfg.train, cfg.eval
     train_ex = load_examples(train_path, cfg.max_train_examples)
     eval_ex = load_examples(eval_path, cfg.max_eval_examples) if eval_path else None
+    return train_path, eval_path, train_ex, eval_ex
+
+
+def _export_model(model, tokenizer, out: str) -> None:
+    """OUTPUT/model, written to a new directory and renamed into place."""
+    tmp = make_temp_dir(out, "model")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        remove_entry(tmp)
+        raise
+    install_dir(tmp, os.path.join(out, "model"))
+
+
+def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFactory] = None,
+                 scheduler_factory=None, log: Callable[[str], None] = None,
+                 checkpoint: Optional[Checkpoint] = None) -> Dict[str, Any]:
+    """Fine-tune; returns the metrics dict (also written to OUTPUT/metrics.json).
+
+    ``optimizer_factory(cfg, model)`` / ``scheduler_factory(cfg, optimizer, total_steps)`` replace
+    the built-in ones (benchmarks and tests use this to compare implementations). ``checkpoint``:
+    the already opened checkpoint of ``cfg.resume`` (the CLI opens it to read the configuration;
+    passing it on reads every file once).
+
+    Raises UsageError (bad input; nothing in OUTPUT changed), NonFiniteTrainingError (training
+    diverged; the last good checkpoint is left in place) and RunInterrupted (Ctrl-C).
+    """
+    from tqdm.auto import tqdm
+
+    if log is None:
+        def log(msg):
+            tqdm.write(msg, file=sys.stderr)
+
+    # ---- everything is validated before the output directory is touched
+    cfg.validate()
+    device = _pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ck = checkpoint if checkpoint is not None or cfg.resume is None else open_checkpoint(cfg.resume)
+    if ck is not None:
+        diff = config_mismatch(ck.config, cfg.to_dict(), TRAINING_KEYS)
+        if diff:
+            raise UsageError(f"--resume {cfg.resume}: the checkpoint was written by another configuration:\n  "
+                             + "\n  ".join(diff))
+        if ck.note:
+            log(ck.note)
+    out = cfg.output
+    resuming_here = ck is not None and bool(out) and os.path.isdir(out) and _same_dir(ck.run_dir, out)
+    if out:
+        check_output(out, overwrite=cfg.overwrite, resuming_here=resuming_here)
+
+    train_path, eval_path, train_ex, eval_ex = _load_data(cfg)
+    data_prints = {"train": file_fingerprint(train_path), "eval": file_fingerprint(eval_path) if eval_path else None}
+    if ck is not None:
+        changed = changed_data_files(ck.state.get("data") or {}, {"train": train_path, "eval": eval_path})
+        if changed:
+            raise UsageError(f"--resume {cfg.resume}: the data are not the data the run started with:\n  "
+                             + "\n  ".join(changed) + "\nrestore the file(s), or start a new run")
 
     model_path = resolve_model_path(cfg.model)
     mconfig = _load_config(model_path)
     if _is_classifier_checkpoint(mconfig):
         label_map = build_label_map(train_ex.labels, num_labels=mconfig.num_labels,
                                     label2id=mconfig.label2id if _has_custom_labels(mconfig) else None)
-    else:
-        label_map = build_label_map(train_ex.labels + (eval_ex.labels if eval_ex else []))
+        known = "the model's labels are"
+    else:  # a new head: its classes are the training data's, and eval must not add any
+        label_map = build_label_map(train_ex.labels)
+        known = f"an eval label must occur in the training data {train_path}, whose labels are"
     num_labels = max(label_map.values()) + 1
     train_y = encode_labels(train_ex, label_map)
-    eval_y = encode_labels(eval_ex, label_map) if eval_ex else None
+    eval_y = encode_labels(eval_ex, label_map, known=known) if eval_ex else None
 
     # ---- model (seeded: the new classification head is random)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(model_path, num_labels, label_map, mconfig)
+    model, tokenizer = load_model_and_tokenizer(model_path, num_labels, label_map, mconfig, cfg.tokenizer)
+    check_tokenizer(tokenizer, train_ex.texts, model_path, cfg.tokenizer)
     model.to(device)
     model.train()
     train_ds = TokenizedDataset(tokenizer, train_ex.texts, train_y, cfg.max_length)
     eval_ds = TokenizedDataset(tokenizer, eval_ex.texts, eval_y, cfg.max_length) if eval_ex else None
+    tok_flag = f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else f"--model {model_path}"
+    for ds in (train_ds, eval_ds):
+        if ds is not None:
+            check_token_ids(ds, model, tok_flag)
 
     n_batches = math.ceil(len(train_ds) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
@@ -534,183 +837,69 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if not cfg.full and getattr(optimizer, "group_size", None) not in (None, cfg.group_size):
         log(f"group_size {cfg.group_size} is more than the model's {optimizer.group_size} layer units: "
             f"one group of all of them (HiFT updates the whole model each step here)")
-    scheduler = (scheduler_factory or make_scheduler)(cfg, optimizer, total_steps)
-    params = [p for p in model.parameters()]
-
-    use_amp = cfg.bf16
-    if use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    try:
+        scheduler = (scheduler_factory or make_scheduler)(cfg, optimizer, total_steps)
+    except (ValueError, TypeError) as exc:  # e.g. a schedule that needs arguments TrainConfig has not
+        raise UsageError(f"--scheduler {cfg.scheduler}: {exc}") from None
+    if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--bf16: this GPU does not support bfloat16")
 
-    def autocast_ctx():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
-
-    # ---- state (fresh or resumed)
-    epoch, micro, step = 0, 0, 0
-    counters = {"train_time_s": 0.0, "train_examples": 0, "metrics_lines": 0, "max_device_state": 0,
-                "max_group_state": 0, "evals": []}
-    if ckpt_dir is not None:
+    metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None)
+    training = _Training(cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
+                         eval_ds=eval_ds, device=device, total_steps=total_steps,
+                         steps_per_epoch=steps_per_epoch, n_epochs=n_epochs, metrics=metrics_log,
+                         state_extra={"data": data_prints}, source=ck, log=log)
+    if ck is not None:  # load (and so validate) the checkpoint before anything in OUTPUT changes
+        model_state, tensors = ck.load_tensors(map_location="cpu")
         try:
-            state = torch.load(os.path.join(ckpt_dir, CKPT_FILE), map_location="cpu", weights_only=False)
-            model.load_state_dict(torch.load(os.path.join(ckpt_dir, MODEL_FILE), map_location=device,
-                                             weights_only=True))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (ValueError, KeyError, RuntimeError) as exc:
+            model.load_state_dict({k: v.to(device) for k, v in model_state.items()})
+            optimizer.load_state_dict(tensors["optimizer"])
+            scheduler.load_state_dict(tensors["scheduler"])
+            training.restore(ck.state, tensors)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise UsageError(f"--resume {cfg.resume}: the checkpoint does not fit this model/optimizer "
                              f"({exc.__class__.__name__}: {exc})") from None
-        epoch, micro, step = state["epoch"], state["micro"], state["step"]
-        counters.update(state["counters"])
-        _set_rng_state(state["rng"])
-        log(f"resumed from {ckpt_dir} at step {step}/{total_steps} (epoch {epoch + 1}, batch {micro})")
+        history = ck.history()
+        log(f"resumed from {ck.path} at step {training.step}/{total_steps} (epoch {training.epoch + 1}, "
+            f"batch {training.micro})")
 
-    metrics_path = os.path.join(out, "metrics.jsonl") if out else None
+    # ---- from here on the output directory changes
     if out:
-        with open(os.path.join(out, "config.json"), "w") as fh:
-            json.dump({**cfg.to_dict(), "model_path": model_path, "train_path": train_path,
-                       "eval_path": eval_path, "num_labels": num_labels, "label_map": label_map,
-                       "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                       "device_resolved": str(device)}, fh, indent=2)
-        # keep exactly the lines the checkpoint had seen (a crashed run may have written more)
-        lines: List[str] = []
-        if ckpt_dir is not None and os.path.exists(metrics_path):
-            with open(metrics_path) as fh:
-                lines = fh.readlines()[: counters["metrics_lines"]]
-        with open(metrics_path, "w") as fh:
-            fh.writelines(lines)
-        counters["metrics_lines"] = len(lines)
+        inputs = [train_path, eval_path, model_path, cfg.tokenizer] + ([ck.path] if ck else [])
+        prepare_output(out, overwrite=cfg.overwrite, resuming_here=resuming_here, inputs=inputs, log=log)
+        write_text(os.path.join(out, "config.json"), dumps(
+            {**cfg.to_dict(), "model_path": model_path, "train_path": train_path, "eval_path": eval_path,
+             "data": data_prints, "num_labels": num_labels, "label_map": label_map, "total_steps": total_steps,
+             "steps_per_epoch": steps_per_epoch, "device_resolved": str(device)}, indent=2))
+    metrics_log.start(history if ck is not None else [])
 
-    def emit(rec: Dict[str, Any]) -> None:
-        if metrics_path:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            counters["metrics_lines"] += 1
-
-    def save_checkpoint(ep: int, mi: int) -> None:
-        if not out:
-            return
-        d = os.path.join(out, CKPT_DIR)
-        tmp = d + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(model.state_dict(), os.path.join(tmp, MODEL_FILE))
-        torch.save({"config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": ep, "micro": mi,
-                    "step": step, "counters": dict(counters)}, os.path.join(tmp, CKPT_FILE))
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-
-    full_state = sum(p.numel() * 4 for p in params if p.is_floating_point()) * _state_slots(
-        cfg.optimizer, cfg.momentum)
     desc = f"{'full' if cfg.full else 'HiFT'}-{cfg.optimizer}"
-    pbar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not cfg.progress,
+    pbar = tqdm(total=total_steps, initial=training.step, desc=desc, unit="step", disable=not cfg.progress,
                 dynamic_ncols=True, file=sys.stderr)
-    stopped = False
-    window_loss, window_n = 0.0, 0
-    optimizer.zero_grad(set_to_none=True)
-    t_mark = time.perf_counter()
-    ex_since_mark = 0
-    while epoch < n_epochs and step < total_steps and not stopped:
-        order = epoch_permutation(len(train_ds), cfg.seed, epoch)
-        batches = train_ds.batches(order, cfg.batch_size)
-        while micro < len(batches) and step < total_steps:
-            idx = batches[micro]
-            batch = {k: v.to(device, non_blocking=True) for k, v in train_ds.collate(idx).items()}
-            with autocast_ctx():
-                loss = model(**batch).loss
-            (loss / cfg.grad_accum).backward()
-            window_loss += float(loss.detach().float())
-            window_n += 1
-            ex_since_mark += len(idx)
-            micro += 1
-            if micro % cfg.grad_accum != 0 and micro != len(batches):
-                continue
-            if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
-            lr_used = optimizer.param_groups[0]["lr"]
-            group_used = active_group_label(optimizer)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            counters["train_time_s"] += now - t_mark
-            counters["train_examples"] += ex_since_mark
-            t_mark, ex_since_mark = now, 0
-            exps = counters["train_examples"] / max(counters["train_time_s"], 1e-9)
-            pbar.update(1)
-            pbar.set_postfix_str(f"loss={window_loss / window_n:.4f} ex/s={exps:.1f} group={group_used}"
-                                 f" epoch={epoch + 1}")
-            if step % cfg.logging_steps == 0 or step == total_steps:
-                counters["max_device_state"] = max(counters["max_device_state"],
-                                                   device_state_bytes(optimizer, device))
-                counters["max_group_state"] = max(counters.get("max_group_state", 0),
-                                                  largest_group_state_bytes(optimizer))
-                emit({"type": "train", "step": step, "epoch": round(epoch + micro / len(batches), 4),
-                      "loss": window_loss / window_n, "lr": lr_used, "group": group_used,
-                      "examples_per_s": exps, "elapsed_s": counters["train_time_s"]})
-                window_loss, window_n = 0.0, 0
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                save_checkpoint(epoch, micro)
-                t_mark = time.perf_counter()
-            if cfg.stop_after and step >= cfg.stop_after and step < total_steps:
-                stopped = True
-                break
-        if stopped:
-            break
-        # end of epoch (or of max_steps): evaluate, checkpoint
-        if eval_ds is not None:
-            ev = evaluate(model, eval_ds, device, 2 * cfg.batch_size, autocast_ctx)
-            ev.update({"type": "eval", "step": step, "epoch": epoch + 1,
-                       "elapsed_s": counters["train_time_s"]})
-            counters["evals"].append(ev)
-            emit(ev)
-            log(f"epoch {epoch + 1}/{n_epochs}: eval accuracy {100 * ev['eval_accuracy']:.2f}% "
-                f"(loss {ev['eval_loss']:.4f}, {ev['eval_examples']} examples)")
-        epoch, micro = epoch + 1, 0
-        save_checkpoint(epoch, micro)
-        t_mark = time.perf_counter()
-    pbar.close()
-    if stopped:
-        save_checkpoint(epoch, micro)
-        log(f"stopped after step {step}/{total_steps}; continue with --resume {out}")
+    try:
+        training.run(pbar)
+    except NonFiniteTrainingError:
+        if out:
+            _write_reports(training, out, desc, train_path, completed=False, stop_reason="non-finite")
+        raise
+    finally:
+        pbar.close()
+        metrics_log.close()
 
-    counters["max_device_state"] = max(counters["max_device_state"], device_state_bytes(optimizer, device))
-    counters["max_group_state"] = max(counters.get("max_group_state", 0), largest_group_state_bytes(optimizer))
-    peak, peak_kind = peak_memory_bytes(device)
-    last_eval = counters["evals"][-1] if counters["evals"] else {}
-    metrics = {
-        "eval_accuracy": last_eval.get("eval_accuracy"),
-        "eval_loss": last_eval.get("eval_loss"),
-        "eval_history": [{"epoch": e["epoch"], "step": e["step"], "eval_accuracy": e["eval_accuracy"],
-                          "elapsed_s": e["elapsed_s"]} for e in counters["evals"]],
-        "train_examples_per_s": counters["train_examples"] / max(counters["train_time_s"], 1e-9),
-        "train_time_s": counters["train_time_s"],
-        "train_examples": counters["train_examples"],
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "optimizer_state_device_bytes": counters["max_device_state"],
-        "optimizer_state_largest_group_bytes": counters["max_group_state"],
-        "optimizer_state_full_ft_bytes": full_state,
-        "epochs": n_epochs if not cfg.max_steps else round(step / steps_per_epoch, 4),
-        "steps": step,
-        "total_steps": total_steps,
-        "completed": not stopped,
-        "optimizer": cfg.optimizer,
-        "mode": cfg.mode,
-        "lr": cfg.resolved_lr(),
-        "group_size": getattr(optimizer, "group_size", cfg.group_size) if not cfg.full else None,
-        "strategy": cfg.strategy if not cfg.full else None,
-        "num_groups": getattr(optimizer, "num_groups", 1),
-        "device": str(device),
-        "seed": cfg.seed,
-    }
+    metrics = training.final_metrics(completed=not training.stopped)
     if out:
-        with open(os.path.join(out, "metrics.json"), "w") as fh:
-            json.dump(metrics, fh, indent=2)
-        plot_loss(metrics_path, os.path.join(out, "loss.png"), f"{desc} on {os.path.basename(train_path)}")
-        if cfg.save_model and not stopped:
-            model.save_pretrained(os.path.join(out, "model"))
-            tokenizer.save_pretrained(os.path.join(out, "model"))
+        _write_reports(training, out, desc, train_path, completed=not training.stopped, metrics=metrics)
+        if cfg.save_model and not training.stopped:
+            _export_model(model, tokenizer, out)
     return metrics
+
+
+def _write_reports(training: _Training, out: str, desc: str, train_path: str, *, completed: bool,
+                   metrics: Optional[Dict[str, Any]] = None, stop_reason: Optional[str] = None) -> None:
+    if metrics is None:
+        metrics = training.final_metrics(completed=completed)
+    if stop_reason:
+        metrics["stop_reason"] = stop_reason
+    write_metrics_json(os.path.join(out, "metrics.json"), metrics)
+    plot_loss(training.metrics.records(), os.path.join(out, "loss.png"),
+              f"{desc} on {os.path.basename(train_path)}")

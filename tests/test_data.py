@@ -165,3 +165,22 @@ def test_tokenized_dataset_pads_per_batch():
     assert b["labels"].tolist() == [1, 0]
     assert ds.collate([2])["input_ids"].shape == (1, 4)  # truncated to max_length
     assert ds.batches([2, 0, 1], 2) == [[2, 0], [1]]
+
+
+@pytest.mark.parametrize("name,content", [
+    ("bom.tsv", "a fine film\t1\nawful\t0\n"),
+    ("bom.csv", "text,label\na fine film,1\nawful,0\n"),
+    ("bom.jsonl", '{"text": "a fine film", "label": 1}\n{"text": "awful", "label": 0}\n'),
+])
+def test_utf8_byte_order_mark_is_not_data(tmp_path, name, content):
+    """Excel and Notepad start UTF-8 files with a BOM: it must not become part of the first field."""
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+    ex = load_examples(str(p))
+    assert ex.texts == ["a fine film", "awful"] and ex.labels == ["1", "0"]
+
+
+def test_unknown_label_message_says_where_the_labels_come_from(tmp_path):
+    p = write(tmp_path, "dev.tsv", "a\t1\nb\tmaybe\n")
+    with pytest.raises(DataError, match=r"line 2: unknown label 'maybe' \(the training labels: 0, 1\)"):
+        encode_labels(load_examples(p), build_label_map(["0", "1"]), known="the training labels")

@@ -177,3 +177,21 @@ def test_options_and_errors(tmp_path):
     assert type(opt).__name__ == "FusedHiFTAdaGrad"
     with pytest.raises(ValueError, match="unknown HiFT optimizer"):
         create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="lion")
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(learning_rate=float("inf")), "args.learning_rate"),
+    (dict(weight_decay=float("nan")), "args.weight_decay"),
+    (dict(adam_beta1=float("nan")), "args.adam_beta1"),
+    (dict(adam_epsilon=float("inf")), "args.adam_epsilon"),
+    (dict(max_grad_norm=float("nan")), "args.max_grad_norm"),
+])
+def test_non_finite_hyperparameters_are_refused(tmp_path, kw, name):
+    """The same rules as `hift-ext finetune` (hift_ext.hparams), named as TrainingArguments names them."""
+    from hift_ext.integrations.transformers import create_hift_optimizer_and_scheduler
+
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + " must be"):
+        create_hift_optimizer_and_scheduler(tiny_bert(), make_args(tmp_path, **kw), 10)
+    with pytest.raises(ValueError, match=r"momentum \(keyword argument\) must be"):
+        create_hift_optimizer_and_scheduler(tiny_bert(), make_args(tmp_path), 10, optimizer="sgd",
+                                            momentum=float("nan"))

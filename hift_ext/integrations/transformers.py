@@ -24,6 +24,9 @@ The rest needs nothing from us, because the HiFT optimizer keeps the contracts T
 * ``max_grad_norm``: Trainer clips the gradients that exist, i.e. the active group's;
 * ``fp16`` / ``bf16``: the optimizer supports GradScaler's ``grad_scale``/``found_inf``; an overflow
   step changes nothing, and neither the group schedule nor the LR advances (the group is retried);
+* the learning rate, weight decay, betas, epsilon, momentum and ``max_grad_norm`` are checked with
+  the rules ``hift-ext finetune`` uses (:mod:`hift_ext.hparams`): inf/NaN or out of range raises
+  ValueError naming the argument, before anything trains;
 * ``save_steps`` / ``resume_from_checkpoint``: ``optimizer.pt`` holds every group's state plus the
   group schedule, ``scheduler.pt`` the LR position; both load with ``torch.load(weights_only=True)``,
   so a resumed run ends with the same weights as an uninterrupted one.
@@ -97,12 +100,32 @@ def create_hift_optimizer_and_scheduler(
     elif optimizer == "sgd":
         kw.setdefault("momentum", 0.9)
     kw.update(optimizer_kwargs)
+    _check_hparams(kw, args, optimizer_kwargs)
     opt = cls(model, group_size=group_size, strategy=strategy,
               seed=args.seed if seed is None else seed, offload=offload, **kw)
     name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     sched = get_scheduler(name, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),
                           num_training_steps=num_training_steps, **(args.lr_scheduler_kwargs or {}))
     return opt, sched
+
+
+_ARG_NAMES = {"lr": "args.learning_rate", "weight_decay": "args.weight_decay", "eps": "args.adam_epsilon"}
+
+
+def _check_hparams(kw: dict, args, overrides: dict) -> None:
+    """The range rules ``hift-ext finetune`` applies (hift_ext.hparams), named as the caller set
+    them: an inf/NaN learning rate or decay would otherwise train to NaN weights."""
+    from hift_ext import hparams
+
+    def name(key: str) -> str:
+        return f"{key} (keyword argument)" if key in overrides else _ARG_NAMES.get(key, key)
+
+    hparams.check_all({k: kw[k] for k in ("lr", "weight_decay", "momentum", "eps") if k in kw},
+                      names={k: name(k) for k in kw})
+    for i, b in enumerate(kw.get("betas") or ()):
+        hparams.check(f"betas[{i}] (keyword argument)" if "betas" in overrides else f"args.adam_beta{i + 1}",
+                      b, hparams.RULES["beta"])
+    hparams.check("args.max_grad_norm", getattr(args, "max_grad_norm", 0.0) or 0.0, hparams.RULES["max_grad_norm"])
 
 
 def _unwrap(opt):
