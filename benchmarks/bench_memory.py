@@ -1,10 +1,15 @@
 """Peak memory of full fine-tuning vs HiFT vs HiFT with optimizer-state offload.
 
-LLaMA-shaped models built from transformers configs with random weights, fp32, AdamW:
+LLaMA-shaped models built from transformers configs with random weights, AdamW, in fp32 or in
+bf16/fp16 with fp32 master weights (``--dtypes``):
 
-    full          torch.optim.AdamW on every parameter
-    hift          hift_ext.FusedHiFTAdamW(offload=False): every group's state stays on the device
-    hift_offload  hift_ext.FusedHiFTAdamW(offload=True): only the active (+ prefetched) group's state
+    full          fp32: torch.optim.AdamW on every parameter; bf16/fp16: hift_ext.FusedAdamW with fp32
+                  master weights (2 B weight + 2 B grad + 12 B master/m/v per parameter, the usual
+                  mixed-precision full fine-tuning)
+    hift          hift_ext.FusedHiFTAdamW(offload=False): every group's state (and masters) on the device
+    hift_offload  hift_ext.FusedHiFTAdamW(offload=True): state and masters in the host store; the device
+                  holds the engine's arena: ``offload_device_bytes`` (``--budget-gib``) or, by default,
+                  two halves each the largest group's state
 
 CUDA: peak = torch.cuda.max_memory_allocated over a full HiFT cycle (every group active once: the
 bottom group keeps the most activations, the top ones the least), after warm-up.
@@ -53,7 +58,11 @@ CONFIGS = {
                 num_key_value_heads=40, vocab_size=32000),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=32000),
+    # Llama-3-8B: GQA, a 128,256-token vocabulary and an untied head (525M parameters each)
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("full", "hift", "hift_offload")
 
 
@@ -80,22 +89,33 @@ def layer_activation_bytes(cfg: dict, batch: int, seq: int, dtype_bytes: int, at
 
 
 def head_activation_bytes(cfg: dict, batch: int, seq: int, dtype_bytes: int) -> float:
-    """Final norm (3 x bsh) + logits and the loss's log-softmax (2-3 x bsV)."""
-    return batch * seq * (3 * cfg["hidden_size"] + 3 * cfg["vocab_size"]) * dtype_bytes
+    """Final norm (3 x bsh) + the logits in the model's dtype and the loss's fp32 copy and
+    log-softmax (transformers upcasts the logits for the loss: 8 B per logit)."""
+    return batch * seq * (3 * cfg["hidden_size"] * dtype_bytes + cfg["vocab_size"] * (dtype_bytes + 8))
+
+
+def state_bytes_per_param(dtype_bytes: int) -> int:
+    """AdamW's m and v, plus an fp32 master for bf16/fp16 weights: 8 B (fp32) or 12 B."""
+    return 8 if dtype_bytes == 4 else 12
 
 
 def predict_gib(cfg: dict, mode: str, *, batch: int = 1, seq: int = 512, dtype_bytes: int = 4,
-                state_per_param: int = 8, group_size: int = 1, gc_on: bool = False,
-                attn: str = "sdpa", prefetch: bool = True) -> float:
+                state_per_param: int | None = None, group_size: int = 1, gc_on: bool = False,
+                attn: str = "sdpa", prefetch: bool = True, budget_bytes: float | None = None) -> float:
     """Predicted peak device memory (GiB) of one training step, worst group of the cycle.
 
     full:          P + G(all) + S(all) + activations(all layers)
     hift:          P + S(all) + max_g [G(g) + activations(layers from g up)]
-    hift_offload:  P + max_g [G(g) + S(g) + S(next g) + activations(layers from g up)]
-                   (the next group's state is prefetched right after a step, so it overlaps g's
-                   forward/backward; the previous group's state leaves while the step runs)
-    With gradient checkpointing a layer keeps only its input (bsh) and one layer is recomputed.
+    hift_offload:  P + arena + max_g [G(g) + activations(layers from g up)]
+                   arena = budget_bytes, or two halves each holding the largest group's state
+                   (allocated once: the active group is updated in one half while the next one is
+                   prefetched into the other; a group larger than half a budget streams through it)
+    P, G and activations are in the weights' dtype; S (state_per_param, default
+    state_bytes_per_param) is fp32. With gradient checkpointing a layer keeps only its input (bsh)
+    and one layer is recomputed.
     """
+    if state_per_param is None:
+        state_per_param = state_bytes_per_param(dtype_bytes)
     units = unit_params(cfg)
     n_layers = cfg["num_hidden_layers"]
     P = sum(units) * dtype_bytes
@@ -116,19 +136,13 @@ def predict_gib(cfg: dict, mode: str, *, batch: int = 1, seq: int = 512, dtype_b
         total = P + sum(units) * (dtype_bytes + state_per_param) + act_from(0)
         return total / GIB
     worst = 0.0
-    k = len(groups)
     for gi, g in enumerate(groups):
-        grads = sum(g) * dtype_bytes
-        state = sum(g) * state_per_param
-        nxt = sum(groups[(gi + 1) % k]) * state_per_param if (prefetch and k > 1) else 0
-        act = act_from(first_unit[gi])
-        if mode == "hift":
-            worst = max(worst, grads + act)
-        else:
-            worst = max(worst, grads + state + act + nxt, grads + state + nxt)
+        worst = max(worst, sum(g) * dtype_bytes + act_from(first_unit[gi]))
     if mode == "hift":
         return (P + sum(units) * state_per_param + worst) / GIB
-    return (P + worst) / GIB
+    largest_state = max(sum(g) for g in groups) * state_per_param
+    arena = budget_bytes if budget_bytes is not None else (2 if prefetch else 1) * largest_state
+    return (P + arena + worst) / GIB
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -175,20 +189,28 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
+def _optimizer_name(mode: str, dtype: str) -> str:
+    if mode != "full":
+        return "FusedHiFTAdamW" + ("" if dtype == "fp32" else " (fp32 masters)")
+    return "torch.optim.AdamW" if dtype == "fp32" else "FusedAdamW (fp32 masters)"
+
+
 def measure(cfg_name: str, cfg: dict, mode: str, device: torch.device, *, batch: int, seq: int,
-            gc_on: bool, attn: str, steps: int | None = None, num_slots: int = 2) -> dict:
+            gc_on: bool, attn: str, steps: int | None = None, num_slots: int = 2, dtype: str = "fp32",
+            budget_bytes: int | None = None) -> dict:
     from hift_ext import optim as hopt
 
-    model = build_model(cfg, device, attn=attn)
+    model = build_model(cfg, device, dtype=DTYPES[dtype], attn=attn)
     if gc_on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = sum(p.numel() for p in model.parameters())
     if mode == "full":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-5) if dtype == "fp32"
+               else hopt.FusedAdamW(model.parameters(), lr=1e-5, master_weights=True))
         n_steps = steps or 2
     else:
-        opt = hopt.FusedHiFTAdamW(model, lr=1e-5, group_size=1, offload=(mode == "hift_offload"),
-                                  **({"offload_slots": num_slots} if mode == "hift_offload" else {}))
+        kw = {"offload_slots": num_slots, "offload_device_bytes": budget_bytes} if mode == "hift_offload" else {}
+        opt = hopt.FusedHiFTAdamW(model, lr=1e-5, group_size=1, offload=(mode == "hift_offload"), **kw)
         n_steps = steps or (opt.num_groups + 1)  # a full cycle (+1: every group's state exists)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device)
@@ -228,17 +250,20 @@ def measure(cfg_name: str, cfg: dict, mode: str, device: torch.device, *, batch:
     extra = {}
     if mode == "hift_offload":
         rep = opt.memory_report()
-        extra = {k: rep.get(k) for k in ("pinned_bytes", "host_store_bytes")}
+        extra = {k: rep.get(k) for k in ("pinned_bytes", "host_store_bytes", "device_budget_bytes",
+                                         "pieces_per_group")}
+        extra["overflow_allocs"] = opt.offload_engine.stats()["overflow_allocs"]
     del opt, model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    pred = predict_gib(cfg, mode, batch=batch, seq=seq, gc_on=gc_on,
-                       attn="eager" if (not cuda and attn != "sdpa_cuda") else attn)
-    return dict(model=cfg_name, params=params, mode=mode, dtype="float32",
-                optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
+    pred = predict_gib(cfg, mode, batch=batch, seq=seq, gc_on=gc_on, dtype_bytes=DTYPES[dtype].itemsize,
+                       attn="eager" if (not cuda and attn != "sdpa_cuda") else attn,
+                       budget_bytes=budget_bytes if mode == "hift_offload" else None)
+    return dict(model=cfg_name, params=params, mode=mode, dtype=dtype, optimizer=_optimizer_name(mode, dtype),
                 batch=batch, seq=seq, gradient_checkpointing=gc_on, peak_gib=peak_bytes / GIB,
-                predicted_gib=pred, steps=n_steps, seconds=elapsed, measured=True, **extra)
+                predicted_gib=pred, steps=n_steps, seconds=elapsed, measured=True,
+                budget_gib=None if budget_bytes is None else budget_bytes / GIB, **extra)
 
 
 def _state_device_bytes(opt, device) -> int:
@@ -248,10 +273,10 @@ def _state_device_bytes(opt, device) -> int:
             if isinstance(v, torch.Tensor) and v.device.type == device.type:
                 ts.append(v)
     n = _bytes(ts)
-    eng = getattr(opt, "_offload", None)
+    eng = getattr(opt, "offload_engine", None)
     if eng is not None and device.type == "cpu":
-        # on the host-only engine "device" and host are both CPU memory: count what the engine
-        # holds as device copies, not the host store that the views in opt.state alias
+        # on the host-only engine "device" and host are both CPU memory: count the engine's arena
+        # (its device memory), not the host store that the views in opt.state alias
         host = _bytes(t for g in eng.groups() for t in eng.host_views(g))
         n = n - host + eng.memory_report()["device_bytes"]
     return n
@@ -276,15 +301,16 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted({(r["model"], r["gradient_checkpointing"]) for r in rows},
-                    key=lambda x: (CONFIG_ORDER.get(x[0], 99), x[1]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels) + 2), 4.2))
+    labels = sorted({(r["model"], r.get("dtype", "fp32"), r["gradient_checkpointing"]) for r in rows},
+                    key=lambda x: (CONFIG_ORDER.get(x[0], 99), x[1], x[2]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4.6))
     width = 0.26
     colors = {"full": "#c44e52", "hift": "#dd8452", "hift_offload": "#4c72b0"}
     for mi, mode in enumerate(MODES):
         xs, ys, hatch = [], [], []
         for li, lab in enumerate(labels):
-            r = [r for r in rows if (r["model"], r["gradient_checkpointing"]) == lab and r["mode"] == mode]
+            r = [r for r in rows
+                 if (r["model"], r.get("dtype", "fp32"), r["gradient_checkpointing"]) == lab and r["mode"] == mode]
             if not r:
                 continue
             r = r[0]
@@ -297,7 +323,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 b.set_hatch("//")
                 b.set_alpha(0.6)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([f"{m}{' +gc' if g else ''}" for m, g in labels])
+    ax.set_xticklabels([f"{m} {d}{' +gc' if g else ''}" for m, d, g in labels], rotation=30, ha="right",
+                       fontsize=8)
     ax.set_ylabel("peak memory (GiB)")
     ax.set_yscale("log")
     ax.set_title(title + "  (hatched: predicted)")
@@ -315,11 +342,15 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--modes", nargs="*", default=list(MODES))
+    ap.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="offload_device_bytes of hift_offload in GiB [default: bf16/fp16 2 GiB on CUDA "
+                         "(1/1000 of the state on CPU), fp32 the engine's default of two largest groups]")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--gc", choices=["off", "on", "both"], default="both")
     ap.add_argument("--steps", type=int, default=None, help="default: a full HiFT cycle")
-    ap.add_argument("--predict", nargs="*", default=["7b", "13b", "70b"])
+    ap.add_argument("--predict", nargs="*", default=["7b", "llama3-8b", "13b", "70b"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -333,53 +364,75 @@ def main(argv=None):
             args.models = ["tiny"]
     gcs = {"off": [False], "on": [True], "both": [False, True]}[args.gc]
     attn = "sdpa" if cuda else "eager"
+
+    def budget_for(cfg, dtype, mode):
+        if mode != "hift_offload":
+            return None
+        if args.budget_gib is not None:
+            return int(args.budget_gib * GIB)
+        if dtype == "fp32":
+            return None  # the engine's default: two halves of the largest group's state
+        if cuda:
+            return int(2 * GIB)
+        return int(sum(unit_params(cfg)) * state_bytes_per_param(DTYPES[dtype].itemsize) / 8)  # streams
+
+    def row(name, cfg, mode, dtype, gc_on, pred, note, batch, seq_):
+        budget = budget_for(cfg, dtype, mode)
+        return dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype=dtype,
+                    optimizer=_optimizer_name(mode, dtype), batch=batch, seq=seq_, gradient_checkpointing=gc_on,
+                    peak_gib=None, predicted_gib=pred, measured=False, note=note,
+                    budget_gib=None if budget is None else budget / GIB)
+
     rows = []
-    print(f"{'model':>6} {'params':>8} {'mode':>13} {'gc':>3} {'peak GiB':>9} {'pred GiB':>9} {'pred/meas':>9}")
+    print(f"{'model':>9} {'dtype':>5} {'params':>8} {'mode':>13} {'gc':>3} {'peak GiB':>9} {'pred GiB':>9} "
+          f"{'pred/meas':>9}")
     for name in args.models:
         cfg = CONFIGS[name]
-        for gc_on in gcs:
-            for mode in args.modes:
-                cap = torch.cuda.get_device_properties(device).total_memory / GIB if cuda else 1e9
-                pred = predict_gib(cfg, mode, batch=args.batch, seq=seq, gc_on=gc_on, attn=attn)
-                if pred > 0.97 * cap:
-                    print(f"{name:>6} {'':>8} {mode:>13} {int(gc_on):>3} {'skip':>9} {pred:9.2f}  (predicted > card)")
-                    rows.append(dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype="float32",
-                                     optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
-                                     batch=args.batch, seq=seq, gradient_checkpointing=gc_on,
-                                     peak_gib=None, predicted_gib=pred, measured=False,
-                                     note="does not fit this device (predicted)"))
-                    continue
-                try:
-                    r = measure(name, cfg, mode, device, batch=args.batch, seq=seq, gc_on=gc_on,
-                                attn=attn, steps=args.steps)
-                except torch.cuda.OutOfMemoryError:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    r = dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype="float32",
-                             optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
-                             batch=args.batch, seq=seq, gradient_checkpointing=gc_on, peak_gib=None,
-                             predicted_gib=pred, measured=False, note="out of memory")
-                    print(f"{name:>6} {'':>8} {mode:>13} {int(gc_on):>3} {'OOM':>9} {pred:9.2f}")
+        for dtype in args.dtypes:
+            db = DTYPES[dtype].itemsize
+            for gc_on in gcs:
+                for mode in args.modes:
+                    cap = torch.cuda.get_device_properties(device).total_memory / GIB if cuda else 1e9
+                    budget = budget_for(cfg, dtype, mode)
+                    pred = predict_gib(cfg, mode, batch=args.batch, seq=seq, gc_on=gc_on, attn=attn,
+                                       dtype_bytes=db, budget_bytes=budget)
+                    if pred > 0.97 * cap:
+                        print(f"{name:>9} {dtype:>5} {'':>8} {mode:>13} {int(gc_on):>3} {'skip':>9} {pred:9.2f}"
+                              "  (predicted > card)")
+                        rows.append(row(name, cfg, mode, dtype, gc_on, pred, "does not fit this device (predicted)",
+                                        args.batch, seq))
+                        continue
+                    try:
+                        r = measure(name, cfg, mode, device, batch=args.batch, seq=seq, gc_on=gc_on, attn=attn,
+                                    steps=args.steps, dtype=dtype, budget_bytes=budget)
+                    except torch.cuda.OutOfMemoryError:
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        print(f"{name:>9} {dtype:>5} {'':>8} {mode:>13} {int(gc_on):>3} {'OOM':>9} {pred:9.2f}")
+                        rows.append(row(name, cfg, mode, dtype, gc_on, pred, "out of memory", args.batch, seq))
+                        continue
                     rows.append(r)
-                    continue
-                rows.append(r)
-                print(f"{name:>6} {r['params'] / 1e6:7.1f}M {mode:>13} {int(gc_on):>3} "
-                      f"{r['peak_gib']:9.3f} {r['predicted_gib']:9.3f} {r['predicted_gib'] / r['peak_gib']:9.2f}")
-    # predictions at the paper's scale (batch 1, seq 512, fp32, AdamW, group_size 1, sdpa on GPU)
+                    print(f"{name:>9} {dtype:>5} {r['params'] / 1e6:7.1f}M {mode:>13} {int(gc_on):>3} "
+                          f"{r['peak_gib']:9.3f} {r['predicted_gib']:9.3f} {r['predicted_gib'] / r['peak_gib']:9.2f}")
+    # predictions at the paper's scale (batch 1, seq 512, AdamW, group_size 1, sdpa on a GPU)
+    cuda_budget = {"fp32": None, "bf16": int(2 * GIB), "fp16": int(2 * GIB)}
     for name in args.predict:
         cfg = CONFIGS[name]
-        for gc_on in (False, True):
-            for mode in MODES:
-                pred = predict_gib(cfg, mode, batch=1, seq=512, gc_on=gc_on, attn="sdpa")
-                rows.append(dict(model=name, params=sum(unit_params(cfg)), mode=mode, dtype="float32",
-                                 optimizer="torch.optim.AdamW" if mode == "full" else "FusedHiFTAdamW",
-                                 batch=1, seq=512, gradient_checkpointing=gc_on, peak_gib=None,
-                                 predicted_gib=pred, measured=False, note="predicted"))
-                print(f"{name:>6} {sum(unit_params(cfg)) / 1e9:7.2f}B {mode:>13} {int(gc_on):>3} "
-                      f"{'-':>9} {pred:9.2f}  (predicted, seq 512)")
+        for dtype in args.dtypes:
+            for gc_on in (False, True):
+                for mode in MODES:
+                    budget = cuda_budget[dtype] if mode == "hift_offload" else None
+                    pred = predict_gib(cfg, mode, batch=1, seq=512, gc_on=gc_on, attn="sdpa",
+                                       dtype_bytes=DTYPES[dtype].itemsize, budget_bytes=budget)
+                    r = row(name, cfg, mode, dtype, gc_on, pred, "predicted", 1, 512)
+                    r["budget_gib"] = None if budget is None else budget / GIB
+                    rows.append(r)
+                    print(f"{name:>9} {dtype:>5} {sum(unit_params(cfg)) / 1e9:7.2f}B {mode:>13} {int(gc_on):>3} "
+                          f"{'-':>9} {pred:9.2f}  (predicted, seq 512"
+                          + (f", budget {budget / GIB:g} GiB)" if budget else ")"))
     path = write_results(rows, device, args.out)
     png = path[:-5] + ".png"
-    plot(rows, png, f"fp32 AdamW, batch {args.batch}, {device.type}")
+    plot(rows, png, f"AdamW ({'/'.join(args.dtypes)}), batch {args.batch}, {device.type}")
     print(f"wrote {path} and {png}")
     return rows
 

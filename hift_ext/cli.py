@@ -128,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"micro-batches per optimizer step [default: {d.grad_accum}]")
     t.add_argument("--seed", type=_int_flag(hparams.SEED_MIN, hparams.SEED_MAX), default=None,
                    help=f"[default: {d.seed}]")
-    t.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    prec = t.add_mutually_exclusive_group()
+    prec.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default=None,
+                      help="bfloat16: HiFT trains bf16 weights with fp32 master weights in the optimizer; "
+                      "--full autocasts fp32 weights [default: fp32]")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default=None,
+                      help="float16 like --bf16, with dynamic loss scaling (torch.amp.GradScaler)")
     t.add_argument("--max-nonfinite-steps", type=_positive_int, metavar="N", default=None,
                    help="a step whose loss or gradients are NaN/inf is skipped; stop (exit 3) after N such "
                    f"steps in a row [default: {d.max_nonfinite_steps}]")
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 FINETUNE_FLAGS = (
     "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
     "full", "group_size", "strategy", "lr", "weight_decay", "momentum", "scheduler", "warmup_ratio",
-    "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "bf16",
+    "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
     "logging_steps", "save_steps", "max_nonfinite_steps", "save_model",
 )
 

@@ -128,7 +128,8 @@ def format_summary(cfg, m: Dict[str, Any]) -> str:
     mode = "full fine-tuning" if m["mode"] == "full" else (
         f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}")
     rows = [
-        ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"),
+        ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"
+                 + (f", {m['precision']}" if m.get("precision", "fp32") != "fp32" else "")),
         ("eval accuracy", "n/a (no eval data)" if m["eval_accuracy"] is None
          else f"{100 * m['eval_accuracy']:.2f}%"),
         ("train examples/s", f"{m['train_examples_per_s']:.1f}"),

@@ -80,6 +80,7 @@ DEFAULT_LR = {
 }
 OPTIMIZERS = ("adamw", "adagrad", "sgd")
 STRATEGIES = ("down2up", "up2down", "random")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -112,7 +113,9 @@ class TrainConfig:
     scheduler: str = "linear"
     warmup_ratio: float = 0.0  # transformers' default; with HiFT's delayed LR any warmup zeroes the whole first cycle
     seed: int = 0
-    bf16: bool = False
+    # fp32; bf16 / fp16: HiFT keeps the weights in that dtype and fp32 master copies in the optimizer
+    # state; full fine-tuning (the baseline) keeps fp32 weights and autocasts. fp16 adds a GradScaler.
+    precision: str = "fp32"
     max_steps: Optional[int] = None  # total optimizer steps (overrides epochs, defines the LR horizon)
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
@@ -134,6 +137,17 @@ class TrainConfig:
     def mode(self) -> str:
         return "full" if self.full else "hift"
 
+    @property
+    def low_precision(self) -> Optional[torch.dtype]:
+        """bfloat16 / float16 for --bf16 / --fp16, None for fp32."""
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The model's weights: low precision for HiFT (its optimizer keeps fp32 masters), fp32 for
+        full fine-tuning (torch.optim updates them; forward/backward autocast)."""
+        return self.low_precision if (self.low_precision is not None and not self.full) else torch.float32
+
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.mode, self.optimizer)
 
@@ -149,7 +163,8 @@ class TrainConfig:
         shared with the transformers integration)."""
         from hift_ext.lr import SCHEDULER_NAMES  # the API takes every schedule lr.py has; the CLI offers four
 
-        for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULER_NAMES)):
+        for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULER_NAMES),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"{flag(name)} {getattr(self, name)}: choose {', '.join(choices)}")
         try:
@@ -174,7 +189,7 @@ class TrainConfig:
 TRAINING_KEYS = (
     "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "epochs", "lr",
     "weight_decay", "momentum", "batch_size", "grad_accum", "max_length", "max_grad_norm",
-    "scheduler", "warmup_ratio", "seed", "bf16", "max_steps", "max_train_examples",
+    "scheduler", "warmup_ratio", "seed", "precision", "max_steps", "max_train_examples",
     "max_eval_examples",
 )
 # Run control a resumed run keeps unless the command line sets it again.
@@ -492,6 +507,22 @@ def _total_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tenso
     return torch.nn.utils.get_total_norm([p.grad for p in grads], error_if_nonfinite=False)
 
 
+def _clip_scaled_grads(params: List[torch.Tensor], max_norm: float, scale: float) -> float:
+    """fp16 with a GradScaler: the norm of the unscaled gradients (computed in fp32 from the scaled
+    fp16 ones, which GradScaler.unscale_ refuses), clipping the scaled gradients by the factor the
+    unscaled ones would get. inf/NaN: the scaled gradients overflowed."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
+    norm = float(torch.linalg.vector_norm(norms, 2)) / scale
+    if max_norm and max_norm > 0 and math.isfinite(norm):
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return norm
+
+
 class _Training:
     """One run of the loop: the training state, the checkpoint it writes and what it reports."""
 
@@ -508,6 +539,9 @@ class _Training:
         self.epoch, self.micro, self.step = 0, 0, 0
         self.counters = _fresh_counters()
         self.clock = _TrainClock(device, self.counters)
+        # fp16's narrow range needs dynamic loss scaling; the HiFT optimizers unscale inside their
+        # kernels and skip an overflowing step without advancing the group schedule
+        self.scaler = (torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None)
         self.stopped = False
         self._pbar = None  # the progress bar of run()
         # where `--resume` finds the newest checkpoint: (path to pass, its step)
@@ -520,9 +554,14 @@ class _Training:
         self.epoch, self.micro, self.step = int(state["epoch"]), int(state["micro"]), int(state["step"])
         self.counters.update(state["counters"])
         set_rng_state(state["rng"], tensors["rng"])
+        if self.scaler is not None and "scaler" in tensors:
+            self.scaler.load_state_dict(tensors["scaler"])
 
     def autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        """Full fine-tuning in bf16/fp16 autocasts fp32 weights; HiFT's weights already are bf16/fp16."""
+        dtype = self.cfg.low_precision
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.bfloat16,
+                              enabled=dtype is not None and self.cfg.full)
 
     def save(self) -> None:
         """Checkpoint the current position. Weights that are not finite stop the run instead (with
@@ -541,6 +580,8 @@ class _Training:
                      "counters": dict(self.counters), "rng": js_rng, **self.state_extra}
             tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "rng": tensor_rng}
+            if self.scaler is not None:
+                tensors["scaler"] = self.scaler.state_dict()
             save_checkpoint(self.out, step=self.step, model_state=model_state, tensors=tensors,
                             state=json_roundtrip(state), history=self.metrics.lines)
             self.resumable = (self.out, self.step)
@@ -571,7 +612,7 @@ class _Training:
             f"training stopped at step {self.step}/{self.total_steps}: {detail}; "
             f"{self.where_to_resume()}\nWhat to try: a lower --lr (now "
             f"{self.cfg.resolved_lr():g}), gradient clipping (--max-grad-norm 1.0; now {self.cfg.max_grad_norm:g}), "
-            f"{'no --bf16, ' if self.cfg.bf16 else ''}or check the data for odd examples; "
+            f"{'fp32 (no --' + self.cfg.precision + '), ' if self.cfg.low_precision else ''}or check the data for odd examples; "
             f"--max-nonfinite-steps N tolerates longer runs of bad steps")
 
     # ---- the loop
@@ -608,6 +649,14 @@ class _Training:
                 f"the loss or the gradients were not finite (NaN/inf) for {c['nonfinite_streak']} steps in a "
                 f"row ({c['skipped_steps']} skipped in all; skipped steps change nothing)")
 
+    def _amp_overflow(self) -> None:
+        """fp16: the scaled gradients overflowed. The scaler lowers its scale; nothing is applied
+        (the optimizer sees found_inf and changes nothing) and the step does not count."""
+        self.scaler.step(self.optimizer)  # records found_inf: no update, no HiFT group switch
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.counters["amp_skipped_steps"] = self.counters.get("amp_skipped_steps", 0) + 1
+
     def _loop(self, pbar) -> None:
         cfg, model, optimizer, scheduler, c = self.cfg, self.model, self.optimizer, self.scheduler, self.counters
         bad_loss: Optional[float] = None  # a non-finite loss among the step's micro-batches
@@ -621,7 +670,8 @@ class _Training:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
                 with self.autocast():
                     loss = model(**batch).loss
-                (loss / cfg.grad_accum).backward()
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 loss_value = float(loss.detach().float())
                 if math.isfinite(loss_value):
                     c["window_loss"] += loss_value
@@ -632,7 +682,13 @@ class _Training:
                 self.micro += 1
                 if self.micro % cfg.grad_accum != 0 and self.micro != len(batches):
                     continue
-                grad_norm = float(_total_grad_norm(self.params, cfg.max_grad_norm))
+                if self.scaler is None:
+                    grad_norm = float(_total_grad_norm(self.params, cfg.max_grad_norm))
+                else:
+                    grad_norm = _clip_scaled_grads(self.params, cfg.max_grad_norm, self.scaler.get_scale())
+                    if bad_loss is None and not math.isfinite(grad_norm):
+                        self._amp_overflow()  # the scaler's business, not a bad step
+                        continue
                 if bad_loss is not None or not math.isfinite(grad_norm):
                     self._skip(len(batches), bad_loss, grad_norm)
                     bad_loss = None
@@ -640,7 +696,11 @@ class _Training:
                 c["nonfinite_streak"] = 0
                 lr_used = optimizer.param_groups[0]["lr"]
                 group_used = active_group_label(optimizer)
-                optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -717,6 +777,8 @@ class _Training:
             "num_groups": getattr(opt, "num_groups", 1),
             "device": str(device),
             "seed": cfg.seed,
+            "precision": cfg.precision,
+            "amp_skipped_steps": c.get("amp_skipped_steps", 0),
         }
 
 
@@ -816,7 +878,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(model_path, num_labels, label_map, mconfig, cfg.tokenizer)
     check_tokenizer(tokenizer, train_ex.texts, model_path, cfg.tokenizer)
-    model.to(device)
+    model.to(device=device, dtype=cfg.weights_dtype)  # HiFT in bf16/fp16: low-precision weights, fp32 masters
     model.train()
     train_ds = TokenizedDataset(tokenizer, train_ex.texts, train_y, cfg.max_length)
     eval_ds = TokenizedDataset(tokenizer, eval_ex.texts, eval_y, cfg.max_length) if eval_ex else None
@@ -841,8 +903,8 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         scheduler = (scheduler_factory or make_scheduler)(cfg, optimizer, total_steps)
     except (ValueError, TypeError) as exc:  # e.g. a schedule that needs arguments TrainConfig has not
         raise UsageError(f"--scheduler {cfg.scheduler}: {exc}") from None
-    if cfg.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--bf16: this GPU does not support bfloat16")
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--bf16: this GPU does not support bfloat16; use --fp16")
 
     metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None)
     training = _Training(cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
