@@ -1,15 +1,25 @@
 """Typed wrappers over the fused optimizer ops torch.ops.hift_ext.* (csrc/optim).
 
 Every op updates lists of tensors IN PLACE; index i of every list belongs to the same parameter.
-Per index, param, grad and states share dtype (float32, bfloat16 or float16; the math is fp32),
-shape and device, and are contiguous; different indices may differ in dtype and size. A whole
-list is one call: one parallel region on CPU, one kernel launch on CUDA.
+Per index, param, grad and states share dtype (float32, bfloat16 or float16; the math is fp32;
+with ``master_params`` see below), shape and device, and are contiguous; different indices may
+differ in dtype and size. A whole list is one call: one parallel region on CPU, one kernel launch
+on CUDA.
 
 ``state_steps`` are float32 one-element tensors on the params' device, ALREADY incremented by the
 caller (they hold the step number of this update, as in torch's fused path); kernels only read
 them. ``grad_scale`` (grads are divided by it in registers; grads are never written) and
 ``found_inf`` (nonzero -> the call changes nothing) are optional float32 one-element tensors on
 the params' device, as GradScaler passes them to optimizers with ``_step_supports_amp_scaling``.
+
+``master_params`` (mixed precision with fp32 master weights): empty (the default: params are
+updated in their own dtype, as above), or one float32 contiguous tensor per param with its shape
+and device. Then param i may be bfloat16/float16 (or float32), grad i has the PARAM's dtype, and
+every state tensor is float32: one pass per element reads grad + master + states, runs the same
+fp32 update on the master (master and states are bitwise what the op computes without masters on
+float32 copies with ``grad.float()``), writes master and states, and writes the param as the
+master rounded to nearest even (``param == master.to(param.dtype)``). Params are never read.
+``found_inf`` nonzero leaves masters and params untouched too.
 
 The math is exactly torch.optim's (AdamW with decoupled weight decay, Adagrad, SGD); see
 csrc/optim/update.h. Bad input raises RuntimeError with a message naming the list and index.
@@ -68,16 +78,19 @@ def fused_adamw_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
 ) -> None:
-    """In-place AdamW (decoupled weight decay) == torch.optim.AdamW. max_exp_avg_sqs is [] unless amsgrad."""
-    if _all_empty(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
+    """In-place AdamW (decoupled weight decay) == torch.optim.AdamW. max_exp_avg_sqs is [] unless amsgrad.
+    master_params: () or fp32 masters (then states are fp32; see the module docstring)."""
+    if _all_empty(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params):
         return
     _ops.fused_adamw_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
         list(state_steps),
         lr=_scalar(lr, "lr"), beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
         weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
-        maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf,
+        maximize=bool(maximize), master_params=list(master_params), grad_scale=grad_scale,
+        found_inf=found_inf,
     )
 
 
@@ -94,14 +107,17 @@ def fused_adagrad_(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
 ) -> None:
-    """In-place Adagrad == torch.optim.Adagrad: clr = lr / (1 + (step - 1) * lr_decay)."""
-    if _all_empty(params, grads, state_sums, state_steps):
+    """In-place Adagrad == torch.optim.Adagrad: clr = lr / (1 + (step - 1) * lr_decay).
+    master_params: () or fp32 masters (then state_sums are fp32; see the module docstring)."""
+    if _all_empty(params, grads, state_sums, state_steps, master_params):
         return
     _ops.fused_adagrad_(
         list(params), list(grads), list(state_sums), list(state_steps),
         lr=_scalar(lr, "lr"), lr_decay=float(lr_decay), weight_decay=float(weight_decay),
-        eps=float(eps), maximize=bool(maximize), grad_scale=grad_scale, found_inf=found_inf,
+        eps=float(eps), maximize=bool(maximize), master_params=list(master_params),
+        grad_scale=grad_scale, found_inf=found_inf,
     )
 
 
@@ -119,16 +135,19 @@ def fused_sgd_(
     is_first_step: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: Sequence[Tensor] = (),
 ) -> None:
     """In-place SGD == torch.optim.SGD. momentum_buffers is [] when momentum == 0; with
-    is_first_step the buffers are SET to d_p (torch clones d_p on the first step), not read."""
-    if _all_empty(params, grads, momentum_buffers):
+    is_first_step the buffers are SET to d_p (torch clones d_p on the first step), not read.
+    master_params: () or fp32 masters (then momentum_buffers are fp32; see the module docstring)."""
+    if _all_empty(params, grads, momentum_buffers, master_params):
         return
     _ops.fused_sgd_(
         list(params), list(grads), list(momentum_buffers),
         lr=_scalar(lr, "lr"), momentum=float(momentum), dampening=float(dampening),
         nesterov=bool(nesterov), weight_decay=float(weight_decay), maximize=bool(maximize),
-        is_first_step=bool(is_first_step), grad_scale=grad_scale, found_inf=found_inf,
+        is_first_step=bool(is_first_step), master_params=list(master_params), grad_scale=grad_scale,
+        found_inf=found_inf,
     )
 
 

@@ -316,6 +316,8 @@ def test_empty_lists_are_a_noop():
 
 # --------------------------------------------------------------------------- opcheck
 def _opcheck_cases(device):
+    # The raw ops take master_params as a required keyword ([] = none; the ops.py wrappers default
+    # it). Master-weight cases: tests/test_master_ops.py.
     def lists(k, n=(5, 33)):
         return [[torch.randn(s, device=device) for s in n] for _ in range(k)]
 
@@ -325,13 +327,14 @@ def _opcheck_cases(device):
     steps = _steps(2, 3, device)
     yield torch.ops.hift_ext.fused_adamw_.default, (p, g, m, v, x, steps), dict(
         lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=True, maximize=False,
-        grad_scale=torch.tensor(2.0, device=device), found_inf=torch.tensor(0.0, device=device))
+        master_params=[], grad_scale=torch.tensor(2.0, device=device), found_inf=torch.tensor(0.0, device=device))
     p, g, s = lists(3)
     yield torch.ops.hift_ext.fused_adagrad_.default, (p, g, [t.abs() for t in s], _steps(2, 2, device)), dict(
-        lr=1e-2, lr_decay=0.01, weight_decay=0.0, eps=1e-10, maximize=True)
+        lr=1e-2, lr_decay=0.01, weight_decay=0.0, eps=1e-10, maximize=True, master_params=[])
     p, g, b = lists(3)
     yield torch.ops.hift_ext.fused_sgd_.default, (p, g, b), dict(
-        lr=1e-2, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False, is_first_step=False)
+        lr=1e-2, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False, is_first_step=False,
+        master_params=[])
 
 
 def test_opcheck(device):

@@ -45,15 +45,21 @@ bool scale_of(const OptTensor& grad_scale, float& scale) {
   return has;
 }
 
-void* ptr(const at::Tensor& t) { return const_cast<void*>(t.const_data_ptr()); }
-
-cpu::Work work_of(const at::Tensor& p, std::initializer_list<const at::Tensor*> rest) {
+// One tensor's work item. Written tensors (weight, states, param) through mutable_data_ptr(),
+// the grad (read only) through const_data_ptr(). With a master, the master is the weight the
+// update reads and writes and the param only receives its rounded value.
+cpu::Work work_of(const at::Tensor& param, const at::Tensor& grad,
+                  std::initializer_list<const at::Tensor*> states, at::TensorList masters,
+                  size_t i) {
   cpu::Work w;
-  w.ptr[0] = ptr(p);
-  int k = 1;
-  for (const at::Tensor* t : rest) w.ptr[k++] = ptr(*t);
-  w.numel = p.numel();
-  w.dtype = p.scalar_type();
+  const bool master = !masters.empty();
+  w.weight = master ? masters[i].mutable_data_ptr() : param.mutable_data_ptr();
+  w.param = master ? param.mutable_data_ptr() : nullptr;
+  w.grad = grad.const_data_ptr();
+  size_t k = 0;
+  for (const at::Tensor* t : states) w.state[k++] = t->mutable_data_ptr();
+  w.numel = param.numel();
+  w.dtype = param.scalar_type();
   return w;
 }
 
@@ -65,7 +71,8 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                at::TensorList state_steps, double lr, double beta1, double beta2,
                double weight_decay, double eps, bool amsgrad, bool maximize,
-               const OptTensor& grad_scale, const OptTensor& found_inf) {
+               const OptTensor& grad_scale, const OptTensor& found_inf,
+               at::TensorList master_params) {
   if (skip_step(found_inf)) return;
   const AdamWHostScalars hs = adamw_host_scalars(lr, beta1, beta2, weight_decay, eps);
   cpu::AdamWCall c{};
@@ -79,11 +86,15 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   c.maximize = maximize;
   c.has_wd = weight_decay != 0.0;
   c.amsgrad = amsgrad;
+  c.master = !master_params.empty();
   std::vector<cpu::Work> work;
   work.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    work.push_back(amsgrad ? work_of(params[i], {&grads[i], &exp_avgs[i], &exp_avg_sqs[i], &max_exp_avg_sqs[i]})
-                           : work_of(params[i], {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]}));
+    work.push_back(amsgrad ? work_of(params[i], grads[i],
+                                     {&exp_avgs[i], &exp_avg_sqs[i], &max_exp_avg_sqs[i]},
+                                     master_params, i)
+                           : work_of(params[i], grads[i], {&exp_avgs[i], &exp_avg_sqs[i]},
+                                     master_params, i));
     const auto st = adamw_step_scalars(lr, beta1, beta2, *state_steps[i].const_data_ptr<float>());
     work.back().s0 = st.neg_step;
     work.back().s1 = st.bc2_sqrt;
@@ -97,7 +108,7 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                  at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
                  double eps, bool maximize, const OptTensor& grad_scale,
-                 const OptTensor& found_inf) {
+                 const OptTensor& found_inf, at::TensorList master_params) {
   if (skip_step(found_inf)) return;
   cpu::AdagradCall c{};
   c.wd = static_cast<float>(weight_decay);
@@ -105,10 +116,11 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   c.has_scale = scale_of(grad_scale, c.grad_scale);
   c.maximize = maximize;
   c.has_wd = weight_decay != 0.0;
+  c.master = !master_params.empty();
   std::vector<cpu::Work> work;
   work.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    work.push_back(work_of(params[i], {&grads[i], &state_sums[i]}));
+    work.push_back(work_of(params[i], grads[i], {&state_sums[i]}, master_params, i));
     work.back().s0 = adagrad_neg_clr(lr, lr_decay, *state_steps[i].const_data_ptr<float>());
   }
 #ifdef HIFT_HAVE_AVX2_KERNELS
@@ -120,7 +132,7 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
              double lr, double momentum, double dampening, bool nesterov, double weight_decay,
              bool maximize, bool is_first_step, const OptTensor& grad_scale,
-             const OptTensor& found_inf) {
+             const OptTensor& found_inf, at::TensorList master_params) {
   if (skip_step(found_inf)) return;
   cpu::SgdCall c{};
   c.wd = static_cast<float>(weight_decay);
@@ -133,11 +145,13 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   c.has_momentum = momentum != 0.0;
   c.nesterov = nesterov;
   c.first_step = is_first_step;
+  c.master = !master_params.empty();
   std::vector<cpu::Work> work;
   work.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    work.push_back(c.has_momentum ? work_of(params[i], {&grads[i], &momentum_buffers[i]})
-                                  : work_of(params[i], {&grads[i]}));
+    work.push_back(c.has_momentum
+                       ? work_of(params[i], grads[i], {&momentum_buffers[i]}, master_params, i)
+                       : work_of(params[i], grads[i], {}, master_params, i));
   }
 #ifdef HIFT_HAVE_AVX2_KERNELS
   if (use_avx2()) return cpu::avx2::sgd(work, c);

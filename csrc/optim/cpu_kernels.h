@@ -6,8 +6,11 @@
 // fused CPU AdamW does, and drops to ~12 GB/s on 2,000 x 4K tensors). Splitting the total element
 // count evenly keeps every thread streaming at one region per call. Each thread finds its first
 // tensor by binary search over prefix offsets, then walks tensors in order. Inside a tensor: a
-// SIMD body over 2 x Vectorized<float> (one Vectorized<bf16/fp16> worth) and a scalar tail, both
-// calling the same update.h templates.
+// SIMD body over 2 x Vectorized<float> (one Vectorized<bf16/fp16> worth) calling the update.h
+// templates with V = Vectorized<float>; the tail runs the same SIMD step on padded copies. Loads
+// and stores follow the call's storage policy (update.h): plain (every stream in the param's
+// dtype) or fp32 master weights (fp32 master and states, grad in the param's dtype, the param
+// written as the master rounded to nearest even).
 //
 // No include guard on purpose: this file is included once per ISA translation unit.
 #ifndef HIFT_CPU_ISA
@@ -19,6 +22,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -101,12 +105,7 @@ void dispatch_dtype(c10::ScalarType t, const F& f) {
   }
 }
 
-template <class T>
-T* at_(void* p, int64_t off) {
-  return static_cast<T*>(p) + off;
-}
-
-template <class V, class C>
+template <class C>
 Flags flags_of(const C& c) {
   Flags f;
   f.maximize = c.maximize;
@@ -115,137 +114,144 @@ Flags flags_of(const C& c) {
   return f;
 }
 
-// ---------------------------------------------------------------- AdamW
-template <class V>
-AdamWArgs<V> adamw_args(const AdamWCall& c, const Work& w) {
-  using O = VecOps<V>;
-  return {O::splat(c.lerp_w), O::splat(c.beta2), O::splat(c.one_minus_beta2), O::splat(c.decay),
-          O::splat(c.eps),    O::splat(w.s0),    O::splat(w.s1),              O::splat(c.grad_scale)};
+// One SIMD step (kSimd elements from offset i) of run_span.
+template <class S, int NS, class Op>
+C10_ALWAYS_INLINE void simd_step(const StreamPtrs<S, NS>& q, int64_t i, bool load_states,
+                                  const Op& op) {
+  constexpr int kNS = NS > 0 ? NS : 1;
+  Vec w0, w1, g0, g1, s0[kNS], s1[kNS];
+  for (int k = 0; k < kNS; ++k) s0[k] = s1[k] = Vec(0.f);  // fresh (or dummy: NS == 0) states
+  Io<typename S::weight_t>::load(q.weight + i, w0, w1);
+  Io<typename S::grad_t>::load(q.grad + i, g0, g1);
+  if (load_states) {
+    for (int k = 0; k < NS; ++k) Io<typename S::state_t>::load(q.state[k] + i, s0[k], s1[k]);
+  }
+  op(w0, g0, s0);
+  op(w1, g1, s1);
+  Io<typename S::weight_t>::store(q.weight + i, w0, w1);
+  if (S::kMaster) Io<typename S::param_t>::store(q.param + i, w0, w1);
+  for (int k = 0; k < NS; ++k) Io<typename S::state_t>::store(q.state[k] + i, s0[k], s1[k]);
 }
 
-template <class T, bool AMS>
-void adamw_span(const Work& w, int64_t b, int64_t e, const AdamWCall& c) {
-  const AdamWArgs<float> s = adamw_args<float>(c, w);
-  const AdamWArgs<Vec> sv = adamw_args<Vec>(c, w);
-  const Flags f = flags_of<float>(c);
-  const bool small = c.lerp_small;
-  T* p = at_<T>(w.ptr[0], b);
-  const T* g = at_<T>(w.ptr[1], b);
-  T* m = at_<T>(w.ptr[2], b);
-  T* v = at_<T>(w.ptr[3], b);
-  T* x = AMS ? at_<T>(w.ptr[4], b) : nullptr;
+// Runs op over elements [b, e) of one tensor with storage policy S (update.h) and NS states:
+// op(Vec& weight, Vec grad, Vec (&states)[max(NS,1)]) updates 8 elements in fp32. Loads widen
+// weight, grad and states from their storage types (states are 0 when !load_states: SGD's first
+// step, whose fresh buffer may be uninitialized memory); stores write weight and states back and,
+// with masters, the weight rounded into the param.
+//
+// The tail (< kSimd elements, at the end of a tensor or of a thread's share) goes through the SAME
+// SIMD step on zero-padded copies, not through scalar code: GCC contracts a*b+c into an FMA in
+// C++ (-ffp-contract=fast is its default even with -std=c++20) and does so differently in scalar
+// and vector code (and in scalar code even per template instantiation), so a scalar tail gave
+// elements near a tensor end or a thread boundary different last-bit results than the body, and
+// the master variant different bits than the plain one. With one code path every element's
+// result is independent of its position, of the thread count and of the storage policy.
+template <class S, int NS, class Op>
+void run_span(const Work& w, int64_t b, int64_t e, bool load_states, const Op& op) {
+  using W = typename S::weight_t;
+  using G = typename S::grad_t;
+  using St = typename S::state_t;
+  using P = typename S::param_t;
+  constexpr int kNS = NS > 0 ? NS : 1;
+  const StreamPtrs<S, NS> q = stream_ptrs<S, NS>(w.weight, w.grad, w.state.data(), w.param, b);
   const int64_t n = e - b;
   int64_t i = 0;
-  for (; i + kSimd <= n; i += kSimd) {
-    Vec p0, p1, g0, g1, m0, m1, v0, v1, x0, x1;
-    Io<T>::load(p + i, p0, p1);
-    Io<T>::load(g + i, g0, g1);
-    Io<T>::load(m + i, m0, m1);
-    Io<T>::load(v + i, v0, v1);
-    if (AMS) Io<T>::load(x + i, x0, x1);
-    adamw_update<AMS>(p0, g0, m0, v0, x0, sv, small, f);
-    adamw_update<AMS>(p1, g1, m1, v1, x1, sv, small, f);
-    Io<T>::store(p + i, p0, p1);
-    Io<T>::store(m + i, m0, m1);
-    Io<T>::store(v + i, v0, v1);
-    if (AMS) Io<T>::store(x + i, x0, x1);
+  for (; i + kSimd <= n; i += kSimd) simd_step(q, i, load_states, op);
+  const int64_t r = n - i;
+  if (r == 0) return;
+  alignas(64) W wb[kSimd];
+  alignas(64) G gb[kSimd];
+  alignas(64) St sb[kNS][kSimd];
+  alignas(64) P pb[kSimd];
+  std::memset(static_cast<void*>(wb), 0, sizeof(wb));
+  std::memset(static_cast<void*>(gb), 0, sizeof(gb));
+  std::memset(static_cast<void*>(sb), 0, sizeof(sb));
+  std::memcpy(static_cast<void*>(wb), q.weight + i, r * sizeof(W));
+  std::memcpy(static_cast<void*>(gb), q.grad + i, r * sizeof(G));
+  if (load_states) {
+    for (int k = 0; k < NS; ++k)
+      std::memcpy(static_cast<void*>(sb[k]), q.state[k] + i, r * sizeof(St));
   }
-  for (; i < n; ++i) {  // scalar tail: same formula
-    float pp = static_cast<float>(p[i]), mm = static_cast<float>(m[i]);
-    float vv = static_cast<float>(v[i]), xx = AMS ? static_cast<float>(x[i]) : 0.f;
-    adamw_update<AMS>(pp, static_cast<float>(g[i]), mm, vv, xx, s, small, f);
-    p[i] = static_cast<T>(pp);
-    m[i] = static_cast<T>(mm);
-    v[i] = static_cast<T>(vv);
-    if (AMS) x[i] = static_cast<T>(xx);
-  }
+  StreamPtrs<S, NS> t;
+  t.weight = wb;
+  t.grad = gb;
+  for (int k = 0; k < kNS; ++k) t.state[k] = sb[k];
+  t.param = pb;
+  simd_step(t, 0, load_states, op);
+  std::memcpy(static_cast<void*>(q.weight + i), wb, r * sizeof(W));
+  if (S::kMaster) std::memcpy(static_cast<void*>(q.param + i), pb, r * sizeof(P));
+  for (int k = 0; k < NS; ++k)
+    std::memcpy(static_cast<void*>(q.state[k] + i), sb[k], r * sizeof(St));
+}
+
+// ---------------------------------------------------------------- AdamW
+AdamWArgs<Vec> adamw_args(const AdamWCall& c, const Work& w) {
+  return {Vec(c.lerp_w), Vec(c.beta2), Vec(c.one_minus_beta2), Vec(c.decay),
+          Vec(c.eps),    Vec(w.s0),    Vec(w.s1),              Vec(c.grad_scale)};
+}
+
+template <class S, bool AMS>
+void adamw_span(const Work& w, int64_t b, int64_t e, const AdamWCall& c) {
+  const AdamWArgs<Vec> a = adamw_args(c, w);
+  const Flags f = flags_of(c);
+  const bool small = c.lerp_small;
+  constexpr int NS = AMS ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
+  run_span<S, NS>(w, b, e, true, [a, small, f](Vec& p, Vec g, Vec (&s)[NS]) {
+    adamw_update<AMS>(p, g, s[0], s[1], s[NS - 1], a, small, f);  // s[NS-1] only used if AMS
+  });
 }
 
 // ---------------------------------------------------------------- AdaGrad
-template <class V>
-AdagradArgs<V> adagrad_args(const AdagradCall& c, const Work& w) {
-  using O = VecOps<V>;
-  return {O::splat(c.wd), O::splat(c.eps), O::splat(w.s0), O::splat(c.grad_scale)};
+AdagradArgs<Vec> adagrad_args(const AdagradCall& c, const Work& w) {
+  return {Vec(c.wd), Vec(c.eps), Vec(w.s0), Vec(c.grad_scale)};
 }
 
-template <class T>
+template <class S>
 void adagrad_span(const Work& w, int64_t b, int64_t e, const AdagradCall& c) {
-  const AdagradArgs<float> s = adagrad_args<float>(c, w);
-  const AdagradArgs<Vec> sv = adagrad_args<Vec>(c, w);
-  const Flags f = flags_of<float>(c);
-  T* p = at_<T>(w.ptr[0], b);
-  const T* g = at_<T>(w.ptr[1], b);
-  T* sum = at_<T>(w.ptr[2], b);
-  const int64_t n = e - b;
-  int64_t i = 0;
-  for (; i + kSimd <= n; i += kSimd) {
-    Vec p0, p1, g0, g1, s0, s1;
-    Io<T>::load(p + i, p0, p1);
-    Io<T>::load(g + i, g0, g1);
-    Io<T>::load(sum + i, s0, s1);
-    adagrad_update(p0, g0, s0, sv, f);
-    adagrad_update(p1, g1, s1, sv, f);
-    Io<T>::store(p + i, p0, p1);
-    Io<T>::store(sum + i, s0, s1);
-  }
-  for (; i < n; ++i) {
-    float pp = static_cast<float>(p[i]), ss = static_cast<float>(sum[i]);
-    adagrad_update(pp, static_cast<float>(g[i]), ss, s, f);
-    p[i] = static_cast<T>(pp);
-    sum[i] = static_cast<T>(ss);
-  }
+  const AdagradArgs<Vec> a = adagrad_args(c, w);
+  const Flags f = flags_of(c);
+  run_span<S, 1>(w, b, e, true,
+                 [a, f](Vec& p, Vec g, Vec (&s)[1]) { adagrad_update(p, g, s[0], a, f); });
 }
 
 // ---------------------------------------------------------------- SGD
-template <class V>
-SgdArgs<V> sgd_args(const SgdCall& c) {
-  using O = VecOps<V>;
-  return {O::splat(c.wd), O::splat(c.momentum), O::splat(c.one_minus_dampening), O::splat(c.neg_lr),
-          O::splat(c.grad_scale)};
+SgdArgs<Vec> sgd_args(const SgdCall& c) {
+  return {Vec(c.wd), Vec(c.momentum), Vec(c.one_minus_dampening), Vec(c.neg_lr), Vec(c.grad_scale)};
 }
 
-template <class T>
+template <class S, bool MOMENTUM>
 void sgd_span(const Work& w, int64_t b, int64_t e, const SgdCall& c) {
-  const SgdArgs<float> s = sgd_args<float>(c);
-  const SgdArgs<Vec> sv = sgd_args<Vec>(c);
-  const Flags f = flags_of<float>(c);
+  const SgdArgs<Vec> a = sgd_args(c);
+  const Flags f = flags_of(c);
   SgdFlags sf;
-  sf.has_momentum = c.has_momentum;
+  sf.has_momentum = MOMENTUM;
   sf.nesterov = c.nesterov;
   sf.first_step = c.first_step;
+  constexpr int NS = MOMENTUM ? 1 : 0;
   // The first step overwrites the fresh buffer: never read it (it may be uninitialized memory).
-  const bool read_buf = sf.has_momentum && !sf.first_step;
-  T* p = at_<T>(w.ptr[0], b);
-  const T* g = at_<T>(w.ptr[1], b);
-  T* buf = sf.has_momentum ? at_<T>(w.ptr[2], b) : nullptr;
-  const int64_t n = e - b;
-  int64_t i = 0;
-  for (; i + kSimd <= n; i += kSimd) {
-    Vec p0, p1, g0, g1, b0(0.f), b1(0.f);
-    Io<T>::load(p + i, p0, p1);
-    Io<T>::load(g + i, g0, g1);
-    if (read_buf) Io<T>::load(buf + i, b0, b1);
-    sgd_update(p0, g0, b0, sv, f, sf);
-    sgd_update(p1, g1, b1, sv, f, sf);
-    Io<T>::store(p + i, p0, p1);
-    if (sf.has_momentum) Io<T>::store(buf + i, b0, b1);
-  }
-  for (; i < n; ++i) {
-    float pp = static_cast<float>(p[i]);
-    float bb = read_buf ? static_cast<float>(buf[i]) : 0.f;
-    sgd_update(pp, static_cast<float>(g[i]), bb, s, f, sf);
-    p[i] = static_cast<T>(pp);
-    if (sf.has_momentum) buf[i] = static_cast<T>(bb);
-  }
+  run_span<S, NS>(w, b, e, !sf.first_step, [a, f, sf](Vec& p, Vec g, Vec (&s)[1]) {
+    sgd_update(p, g, s[0], a, f, sf);  // s[0] is a dummy without momentum
+  });
 }
 
 }  // namespace
+
+// Calls f(S{}) with the storage policy of a tensor: its param dtype, plain or with a master.
+template <class F>
+void dispatch_storage(c10::ScalarType t, bool master, const F& f) {
+  dispatch_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    if (master) f(MasterStorage<T>{});
+    else f(PlainStorage<T>{});
+  });
+}
 
 void adamw(const std::vector<Work>& work, const AdamWCall& call) {
   auto run = [&](auto ams) {
     constexpr bool AMS = decltype(ams)::value;
     parallel_over(work, [&](const Work& w, int64_t b, int64_t e) {
-      dispatch_dtype(w.dtype, [&](auto tag) { adamw_span<decltype(tag), AMS>(w, b, e, call); });
+      dispatch_storage(w.dtype, call.master,
+                       [&](auto s) { adamw_span<decltype(s), AMS>(w, b, e, call); });
     });
   };
   if (call.amsgrad) run(std::true_type{});
@@ -254,14 +260,21 @@ void adamw(const std::vector<Work>& work, const AdamWCall& call) {
 
 void adagrad(const std::vector<Work>& work, const AdagradCall& call) {
   parallel_over(work, [&](const Work& w, int64_t b, int64_t e) {
-    dispatch_dtype(w.dtype, [&](auto tag) { adagrad_span<decltype(tag)>(w, b, e, call); });
+    dispatch_storage(w.dtype, call.master,
+                     [&](auto s) { adagrad_span<decltype(s)>(w, b, e, call); });
   });
 }
 
 void sgd(const std::vector<Work>& work, const SgdCall& call) {
-  parallel_over(work, [&](const Work& w, int64_t b, int64_t e) {
-    dispatch_dtype(w.dtype, [&](auto tag) { sgd_span<decltype(tag)>(w, b, e, call); });
-  });
+  auto run = [&](auto mom) {
+    constexpr bool MOMENTUM = decltype(mom)::value;
+    parallel_over(work, [&](const Work& w, int64_t b, int64_t e) {
+      dispatch_storage(w.dtype, call.master,
+                       [&](auto s) { sgd_span<decltype(s), MOMENTUM>(w, b, e, call); });
+    });
+  };
+  if (call.has_momentum) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 }  // namespace HIFT_CPU_ISA

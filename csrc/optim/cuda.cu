@@ -13,6 +13,16 @@
 // not 16-byte aligned (a view with an offset), the whole chunk takes the scalar path. Chunks start
 // at multiples of 64K elements, so alignment is a property of the tensor, not of the chunk.
 //
+// Storage policies (update.h): without masters every stream has the param's dtype; with fp32
+// master weights the master and states are fp32 and the grad and param have the param's dtype.
+// A vector step covers one 16-byte vector of the grad (the narrowest stream) and as many 16-byte
+// vectors of each wider stream as that takes (bf16 param with masters: 8 elements = 1 x 16 B of
+// grad and param, 2 x 16 B of master and each state).
+//
+// Table depth: the tensor table lives in device memory (not in kernel arguments as in torch's
+// MultiTensorApply, whose depth_to_max_tensors limits how many tensors fit a launch), so the extra
+// master pointer only widens TensorMeta (72 bytes); any number of tensors still fits one launch.
+//
 // Math: fp32 for every storage dtype, the per-element functions of update.h (shared with the CPU
 // kernel). step / grad_scale / found_inf are read from device memory inside the kernel (no host
 // sync); per-tensor step scalars (bias corrections) are computed once per block in double, like
@@ -29,6 +39,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace hift_ext {
@@ -42,13 +53,16 @@ constexpr int kElemsPerThread = 8;  // per iteration: 2 x float4, or 1 x 8 bf16/
 enum DTypeCode : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 struct TensorMeta {
-  void* ptr[5];        // param, grad, states... (unused entries are null)
+  void* weight;        // the param, or its fp32 master when the call has masters (read, written)
+  const void* grad;    // read only
+  void* state[3];      // optimizer states (unused entries are null)
+  void* param;         // masters only: receives the master rounded to the param dtype (written)
   const float* step;   // state_steps[i] (null for SGD)
   int64_t numel;
-  int32_t dtype;       // DTypeCode
+  int32_t dtype;       // DTypeCode of the param
   int32_t pad;
 };
-static_assert(sizeof(TensorMeta) == 64, "TensorMeta layout");
+static_assert(sizeof(TensorMeta) == 72, "TensorMeta layout");
 
 struct BlockMeta {
   int32_t tensor;
@@ -90,7 +104,7 @@ DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& dev
   const int64_t tensor_bytes = static_cast<int64_t>(tms.size() * sizeof(TensorMeta));
   const int64_t bytes = tensor_bytes + num_blocks * static_cast<int64_t>(sizeof(BlockMeta));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* h = static_cast<uint8_t*>(host.data_ptr());
+  auto* h = static_cast<uint8_t*>(host.mutable_data_ptr());
   std::memcpy(h, tms.data(), tensor_bytes);
   auto* bm = reinterpret_cast<BlockMeta*>(h + tensor_bytes);
   int64_t b = 0;
@@ -116,34 +130,69 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// Streams: ptr[0] = param, ptr[1] = grad (read only, never stored), ptr[2..D-1] = states.
-// Streams whose bit is set in `no_load` are not read (their value enters op as 0): SGD's
-// momentum buffer on the first step, which may be uninitialized memory.
-// op(float (&x)[D]) updates one element in place in fp32.
-template <int D, class T, class Op>
-__device__ __forceinline__ void process_chunk(T* const (&ptr)[D], int64_t n, unsigned no_load,
-                                              const Op& op) {
-  constexpr int kN = 16 / sizeof(T);                           // elements per 16-byte vector
-  constexpr int kU = kElemsPerThread / kN > 0 ? kElemsPerThread / kN : 1;  // vectors per thread
-  using P = Pack<T>;
-  bool aligned = true;
+// E consecutive elements of U held as 16-byte packs (E is a multiple of 16 / sizeof(U)).
+template <class U, int E>
+struct Frag {
+  static constexpr int kPer = 16 / sizeof(U);
+  static_assert(E % kPer == 0, "a fragment is whole 16-byte vectors");
+  static constexpr int kPacks = E / kPer;
+  Pack<U> pk[kPacks];
+  __device__ __forceinline__ void load(const U* base, int64_t idx) {
+    const Pack<U>* src = reinterpret_cast<const Pack<U>*>(base) + idx * kPacks;
 #pragma unroll
-  for (int d = 0; d < D; ++d) aligned = aligned && aligned16(ptr[d]);
+    for (int k = 0; k < kPacks; ++k) pk[k] = src[k];
+  }
+  __device__ __forceinline__ void store(U* base, int64_t idx) const {
+    Pack<U>* dst = reinterpret_cast<Pack<U>*>(base) + idx * kPacks;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) dst[k] = pk[k];
+  }
+  __device__ __forceinline__ float get(int e) const {
+    return static_cast<float>(pk[e / kPer].v[e % kPer]);
+  }
+  __device__ __forceinline__ void set(int e, float x) {
+    pk[e / kPer].v[e % kPer] = static_cast<U>(x);
+  }
+};
+
+// Runs op over the n elements of one chunk with storage policy S and NS states (update.h):
+// op(float& weight, float grad, float (&states)[max(NS,1)]) updates one element in fp32. Loads
+// weight, grad and states (states enter op as 0 when !load_states: SGD's first step, whose fresh
+// momentum buffer may be uninitialized memory), stores weight, states and, with masters, the
+// param as the rounded weight. The grad is never stored and the param never loaded.
+template <class S, int NS, class Op>
+__device__ __forceinline__ void process_chunk(const StreamPtrs<S, NS>& q, int64_t n,
+                                              bool load_states, const Op& op) {
+  using W = typename S::weight_t;
+  using G = typename S::grad_t;
+  using St = typename S::state_t;
+  using P = typename S::param_t;
+  constexpr int kNS = NS > 0 ? NS : 1;
+  constexpr int E = 16 / sizeof(G);  // elements per vector step: one 16-byte vector of the grad
+  constexpr int kU = kElemsPerThread / E > 0 ? kElemsPerThread / E : 1;  // steps per thread
+  bool aligned = aligned16(q.weight) && aligned16(q.grad);
+#pragma unroll
+  for (int k = 0; k < NS; ++k) aligned = aligned && aligned16(q.state[k]);
+  if (S::kMaster) aligned = aligned && aligned16(q.param);
 
   int64_t done = 0;
   if (aligned) {
-    const int64_t nvec = n / kN;
+    const int64_t nvec = n / E;
     const int64_t stride = static_cast<int64_t>(kU) * blockDim.x;
     for (int64_t base = 0; base < nvec; base += stride) {
-      P r[D][kU];
+      Frag<W, E> rw[kU];
+      Frag<G, E> rg[kU];
+      Frag<St, E> rs[kNS][kU];
       // Issue every load of this iteration before any math (memory-level parallelism).
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int64_t idx = base + static_cast<int64_t>(u) * blockDim.x + threadIdx.x;
         if (idx < nvec) {
+          rw[u].load(q.weight, idx);
+          rg[u].load(q.grad, idx);
+          if (load_states) {
 #pragma unroll
-          for (int d = 0; d < D; ++d) {
-            if (!((no_load >> d) & 1u)) r[d][u] = reinterpret_cast<const P*>(ptr[d])[idx];
+            for (int k = 0; k < NS; ++k) rs[k][u].load(q.state[k], idx);
           }
         }
       }
@@ -151,36 +200,31 @@ __device__ __forceinline__ void process_chunk(T* const (&ptr)[D], int64_t n, uns
       for (int u = 0; u < kU; ++u) {
         const int64_t idx = base + static_cast<int64_t>(u) * blockDim.x + threadIdx.x;
         if (idx < nvec) {
+          Frag<P, E> rp;
 #pragma unroll
-          for (int e = 0; e < kN; ++e) {
-            float x[D];
+          for (int e = 0; e < E; ++e) {
+            float w = rw[u].get(e);
+            float st[kNS] = {};
 #pragma unroll
-            for (int d = 0; d < D; ++d)
-              x[d] = ((no_load >> d) & 1u) ? 0.f : static_cast<float>(r[d][u].v[e]);
-            op(x);
+            for (int k = 0; k < NS; ++k) st[k] = load_states ? rs[k][u].get(e) : 0.f;
+            op(w, rg[u].get(e), st);
+            rw[u].set(e, w);
+            if (S::kMaster) rp.set(e, w);
 #pragma unroll
-            for (int d = 0; d < D; ++d) r[d][u].v[e] = static_cast<T>(x[d]);
+            for (int k = 0; k < NS; ++k) rs[k][u].set(e, st[k]);
           }
+          rw[u].store(q.weight, idx);
+          if (S::kMaster) rp.store(q.param, idx);
 #pragma unroll
-          for (int d = 0; d < D; ++d) {
-            if (d != 1) reinterpret_cast<P*>(ptr[d])[idx] = r[d][u];
-          }
+          for (int k = 0; k < NS; ++k) rs[k][u].store(q.state[k], idx);
         }
       }
     }
-    done = nvec * kN;
+    done = nvec * E;
   }
   // Scalar tail (odd sizes) or the whole chunk (misaligned pointers).
-  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
-    float x[D];
-#pragma unroll
-    for (int d = 0; d < D; ++d) x[d] = ((no_load >> d) & 1u) ? 0.f : static_cast<float>(ptr[d][i]);
-    op(x);
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      if (d != 1) ptr[d][i] = static_cast<T>(x[d]);
-    }
-  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x)
+    update_element(q, i, load_states, op);
 }
 
 // Calls f(T{}) with the storage type of the block's tensor (uniform per block: no divergence).
@@ -193,10 +237,10 @@ __device__ __forceinline__ void dispatch_dtype(int32_t code, const F& f) {
   }
 }
 
-template <int D, class T>
-__device__ __forceinline__ void chunk_ptrs(const TensorMeta& tm, int64_t start, T* (&out)[D]) {
-#pragma unroll
-  for (int d = 0; d < D; ++d) out[d] = static_cast<T*>(tm.ptr[d]) + start;
+// The chunk's typed stream pointers under storage policy S.
+template <class S, int NS>
+__device__ __forceinline__ StreamPtrs<S, NS> chunk_ptrs(const TensorMeta& tm, int64_t start) {
+  return stream_ptrs<S, NS>(tm.weight, tm.grad, tm.state, tm.param, start);
 }
 
 // ------------------------------------------------------------------ AdamW
@@ -208,7 +252,7 @@ struct AdamWKernelArgs {
   const float* found_inf;
 };
 
-template <bool AMS>
+template <bool AMS, bool MASTER>
 __global__ void __launch_bounds__(kBlock)
     adamw_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
                  const AdamWKernelArgs ka) {
@@ -234,15 +278,14 @@ __global__ void __launch_bounds__(kBlock)
   const Flags f = ka.flags;
   const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
   const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
-  constexpr int D = AMS ? 5 : 4;
+  constexpr int NS = AMS ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
   dispatch_dtype(tm.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    T* p[D];
-    chunk_ptrs<D, T>(tm, start, p);
-    process_chunk<D, T>(p, n, 0u, [&](float (&x)[D]) {
-      float unused = 0.f;
-      adamw_update<AMS>(x[0], x[1], x[2], x[3], AMS ? x[D - 1] : unused, a, small, f);
-    });
+    using S = StorageOf<MASTER, decltype(tag)>;
+    process_chunk<S, NS>(chunk_ptrs<S, NS>(tm, start), n, true,
+                         [&](float& w, float g, float (&s)[NS]) {
+                           // s[NS-1] is only read with AMS
+                           adamw_update<AMS>(w, g, s[0], s[1], s[NS - 1], a, small, f);
+                         });
   });
 }
 
@@ -255,6 +298,7 @@ struct AdagradKernelArgs {
   const float* found_inf;
 };
 
+template <bool MASTER>
 __global__ void __launch_bounds__(kBlock)
     adagrad_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
                    const AdagradKernelArgs ka) {
@@ -273,10 +317,11 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
   const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
   dispatch_dtype(tm.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    T* p[3];
-    chunk_ptrs<3, T>(tm, start, p);
-    process_chunk<3, T>(p, n, 0u, [&](float (&x)[3]) { adagrad_update(x[0], x[1], x[2], a, f); });
+    using S = StorageOf<MASTER, decltype(tag)>;
+    process_chunk<S, 1>(chunk_ptrs<S, 1>(tm, start), n, true,
+                        [&](float& w, float g, float (&s)[1]) {
+                          adagrad_update(w, g, s[0], a, f);
+                        });
   });
 }
 
@@ -289,7 +334,7 @@ struct SgdKernelArgs {
   const float* found_inf;
 };
 
-template <bool MOMENTUM>
+template <bool MOMENTUM, bool MASTER>
 __global__ void __launch_bounds__(kBlock)
     sgd_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
                const SgdKernelArgs ka) {
@@ -302,17 +347,15 @@ __global__ void __launch_bounds__(kBlock)
   const SgdFlags sf = ka.sflags;
   const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
   const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
-  constexpr int D = MOMENTUM ? 3 : 2;
+  constexpr int NS = MOMENTUM ? 1 : 0;
   // First step: the fresh momentum buffer is written, never read.
-  const unsigned no_load = (MOMENTUM && sf.first_step) ? (1u << 2) : 0u;
+  const bool load_states = !sf.first_step;
   dispatch_dtype(tm.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    T* p[D];
-    chunk_ptrs<D, T>(tm, start, p);
-    process_chunk<D, T>(p, n, no_load, [&](float (&x)[D]) {
-      float unused = 0.f;
-      sgd_update(x[0], x[1], MOMENTUM ? x[D - 1] : unused, a, f, sf);
-    });
+    using S = StorageOf<MASTER, decltype(tag)>;
+    process_chunk<S, NS>(chunk_ptrs<S, NS>(tm, start), n, load_states,
+                         [&](float& w, float g, float (&s)[1]) {
+                           sgd_update(w, g, s[0], a, f, sf);  // s[0]: a dummy without momentum
+                         });
   });
 }
 
@@ -320,14 +363,30 @@ const float* opt_ptr(const OptTensor& t) {
   return (t.has_value() && t->defined()) ? t->const_data_ptr<float>() : nullptr;
 }
 
-TensorMeta make_meta(std::initializer_list<at::Tensor> ts, const at::Tensor* step) {
+// One tensor's table entry. Written tensors (weight, states, param) through mutable_data_ptr(),
+// read-only ones (grad, step) through const_data_ptr(). With a master, the master is the weight
+// the update reads and writes and the param only receives its rounded value.
+TensorMeta make_meta(const at::Tensor& param, const at::Tensor& grad,
+                     std::initializer_list<const at::Tensor*> states, at::TensorList masters,
+                     size_t i, const at::Tensor* step) {
   TensorMeta m{};
-  int d = 0;
-  for (const auto& t : ts) m.ptr[d++] = const_cast<void*>(t.const_data_ptr());
+  const bool master = !masters.empty();
+  m.weight = master ? masters[i].mutable_data_ptr() : param.mutable_data_ptr();
+  m.param = master ? param.mutable_data_ptr() : nullptr;
+  m.grad = grad.const_data_ptr();
+  int k = 0;
+  for (const at::Tensor* t : states) m.state[k++] = t->mutable_data_ptr();
   m.step = step != nullptr ? step->const_data_ptr<float>() : nullptr;
-  m.numel = ts.begin()->numel();
-  m.dtype = dtype_code(ts.begin()->scalar_type());
+  m.numel = param.numel();
+  m.dtype = dtype_code(param.scalar_type());
   return m;
+}
+
+// Calls f(std::integral_constant<bool, b>{}) for a runtime bool (template kernel selection).
+template <class F>
+void with_bool(bool b, const F& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 }  // namespace
@@ -336,17 +395,20 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                 at::TensorList state_steps, double lr, double beta1, double beta2,
                 double weight_decay, double eps, bool amsgrad, bool maximize,
-                const OptTensor& grad_scale, const OptTensor& found_inf) {
+                const OptTensor& grad_scale, const OptTensor& found_inf,
+                at::TensorList master_params) {
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   std::vector<TensorMeta> tms;
   tms.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     if (amsgrad) {
-      tms.push_back(make_meta({params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i]},
-                              &state_steps[i]));
+      tms.push_back(make_meta(params[i], grads[i],
+                              {&exp_avgs[i], &exp_avg_sqs[i], &max_exp_avg_sqs[i]}, master_params,
+                              i, &state_steps[i]));
     } else {
-      tms.push_back(make_meta({params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]}, &state_steps[i]));
+      tms.push_back(make_meta(params[i], grads[i], {&exp_avgs[i], &exp_avg_sqs[i]}, master_params,
+                              i, &state_steps[i]));
     }
   }
   const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_adamw_");
@@ -363,24 +425,26 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   ka.found_inf = opt_ptr(found_inf);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(meta.num_blocks));
-  if (amsgrad) {
-    adamw_kernel<true><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
-  } else {
-    adamw_kernel<false><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
-  }
+  with_bool(amsgrad, [&](auto ams) {
+    with_bool(!master_params.empty(), [&](auto master) {
+      adamw_kernel<decltype(ams)::value, decltype(master)::value>
+          <<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+    });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                   at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
                   double eps, bool maximize, const OptTensor& grad_scale,
-                  const OptTensor& found_inf) {
+                  const OptTensor& found_inf, at::TensorList master_params) {
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   std::vector<TensorMeta> tms;
   tms.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i)
-    tms.push_back(make_meta({params[i], grads[i], state_sums[i]}, &state_steps[i]));
+    tms.push_back(
+        make_meta(params[i], grads[i], {&state_sums[i]}, master_params, i, &state_steps[i]));
   const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_adagrad_");
   if (meta.num_blocks == 0) return;
   AdagradKernelArgs ka{};
@@ -394,15 +458,18 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   ka.flags.has_scale = ka.grad_scale != nullptr;
   ka.found_inf = opt_ptr(found_inf);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  adagrad_kernel<<<dim3(static_cast<unsigned>(meta.num_blocks)), kBlock, 0, stream>>>(
-      meta.tensors, meta.blocks, ka);
+  const dim3 grid(static_cast<unsigned>(meta.num_blocks));
+  with_bool(!master_params.empty(), [&](auto master) {
+    adagrad_kernel<decltype(master)::value>
+        <<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
               double lr, double momentum, double dampening, bool nesterov, double weight_decay,
               bool maximize, bool is_first_step, const OptTensor& grad_scale,
-              const OptTensor& found_inf) {
+              const OptTensor& found_inf, at::TensorList master_params) {
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   const bool has_momentum = momentum != 0.0;
@@ -410,9 +477,10 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   tms.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     if (has_momentum) {
-      tms.push_back(make_meta({params[i], grads[i], momentum_buffers[i]}, nullptr));
+      tms.push_back(
+          make_meta(params[i], grads[i], {&momentum_buffers[i]}, master_params, i, nullptr));
     } else {
-      tms.push_back(make_meta({params[i], grads[i]}, nullptr));
+      tms.push_back(make_meta(params[i], grads[i], {}, master_params, i, nullptr));
     }
   }
   const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_sgd_");
@@ -433,11 +501,12 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   ka.sflags.first_step = is_first_step;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(meta.num_blocks));
-  if (has_momentum) {
-    sgd_kernel<true><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
-  } else {
-    sgd_kernel<false><<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
-  }
+  with_bool(has_momentum, [&](auto mom) {
+    with_bool(!master_params.empty(), [&](auto master) {
+      sgd_kernel<decltype(mom)::value, decltype(master)::value>
+          <<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+    });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -72,9 +72,17 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists,
       TORCH_CHECK(t.device() == device, op, ": ", l.name, "[", i, "] is on ", t.device(),
                   " but params[0] is on ", device, " (all tensors must be on one device)");
       if (&l != &lists[0]) {
-        TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i,
-                    "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
-                    p.scalar_type(), " (a parameter's grad and states share its dtype)");
+        if (l.dtype == at::ScalarType::Undefined) {
+          TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i,
+                      "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
+                      p.scalar_type(), " (",
+                      l.dtype_why != nullptr ? l.dtype_why
+                                             : "a parameter's grad and states share its dtype",
+                      ")");
+        } else {
+          TORCH_CHECK(t.scalar_type() == l.dtype, op, ": ", l.name, "[", i, "] has dtype ",
+                      t.scalar_type(), " but must be ", l.dtype, " (", l.dtype_why, ")");
+        }
         TORCH_CHECK(t.sizes().equals(p.sizes()), op, ": ", l.name, "[", i, "] has shape ",
                     t.sizes(), " but params[", i, "] has shape ", p.sizes());
       }
@@ -97,15 +105,15 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists,
 #ifndef HIFT_EXT_WITH_CUDA
 void adamw_cuda(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                 at::TensorList, double, double, double, double, double, bool, bool,
-                const OptTensor&, const OptTensor&) {
+                const OptTensor&, const OptTensor&, at::TensorList) {
   no_cuda_kernels("hift_ext::fused_adamw_");
 }
 void adagrad_cuda(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double,
-                  double, double, bool, const OptTensor&, const OptTensor&) {
+                  double, double, bool, const OptTensor&, const OptTensor&, at::TensorList) {
   no_cuda_kernels("hift_ext::fused_adagrad_");
 }
 void sgd_cuda(at::TensorList, at::TensorList, at::TensorList, double, double, double, bool,
-              double, bool, bool, const OptTensor&, const OptTensor&) {
+              double, bool, bool, const OptTensor&, const OptTensor&, at::TensorList) {
   no_cuda_kernels("hift_ext::fused_sgd_");
 }
 #endif
@@ -116,29 +124,52 @@ namespace {
   TORCH_CHECK(false, op, ": tensors on ", d, " are not supported (CPU and CUDA only)");
 }
 
+// With master_params: states must be fp32 (they belong to the fp32 master), grads keep the
+// param's dtype, masters are fp32 with the param's shape. Without: every list has the param's
+// dtype, as before.
+constexpr const char* kMasterStateWhy =
+    "with master_params, optimizer states are float32 like the masters";
+constexpr const char* kMasterGradWhy = "with master_params, a grad keeps its param's dtype";
+
+NamedList state_list(const char* name, at::TensorList l, bool master) {
+  return master ? NamedList{name, l, at::kFloat, kMasterStateWhy} : NamedList{name, l};
+}
+
+// Adds master_params to the checked lists when the call has masters.
+void add_masters(std::vector<NamedList>& lists, at::TensorList master_params) {
+  if (master_params.empty()) return;
+  lists[1].dtype_why = kMasterGradWhy;  // lists[1] is grads
+  lists.push_back({"master_params", master_params, at::kFloat, "master weights are float32"});
+}
+
 void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                   at::TensorList state_steps, double lr, double beta1, double beta2,
                   double weight_decay, double eps, bool amsgrad, bool maximize,
-                  const OptTensor& grad_scale, const OptTensor& found_inf) {
+                  at::TensorList master_params, const OptTensor& grad_scale,
+                  const OptTensor& found_inf) {
   const char* op = "hift_ext::fused_adamw_";
-  std::vector<NamedList> lists{
-      {"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  const bool master = !master_params.empty();
+  std::vector<NamedList> lists{{"params", params},
+                               {"grads", grads},
+                               state_list("exp_avgs", exp_avgs, master),
+                               state_list("exp_avg_sqs", exp_avg_sqs, master)};
   if (amsgrad) {
-    lists.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
+    lists.push_back(state_list("max_exp_avg_sqs", max_exp_avg_sqs, master));
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty when "
                 "amsgrad=False, got ", max_exp_avg_sqs.size(), " tensors");
   }
+  add_masters(lists, master_params);
   const NamedList steps{"state_steps", state_steps};
   const at::Device d = check_inputs(op, lists, &steps, grad_scale, found_inf);
   if (params.empty() || d.is_meta()) return;  // meta/fake tensors: shape checks only
   if (d.is_cpu()) {
     adamw_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-              beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf);
+              beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, master_params);
   } else if (d.is_cuda()) {
     adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-               beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf);
+               beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, master_params);
   } else {
     bad_device(op, d);
   }
@@ -146,20 +177,22 @@ void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList ex
 
 void fused_adagrad_(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                     at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
-                    double eps, bool maximize, const OptTensor& grad_scale,
-                    const OptTensor& found_inf) {
+                    double eps, bool maximize, at::TensorList master_params,
+                    const OptTensor& grad_scale, const OptTensor& found_inf) {
   const char* op = "hift_ext::fused_adagrad_";
-  const std::vector<NamedList> lists{
-      {"params", params}, {"grads", grads}, {"state_sums", state_sums}};
+  const bool master = !master_params.empty();
+  std::vector<NamedList> lists{
+      {"params", params}, {"grads", grads}, state_list("state_sums", state_sums, master)};
+  add_masters(lists, master_params);
   const NamedList steps{"state_steps", state_steps};
   const at::Device d = check_inputs(op, lists, &steps, grad_scale, found_inf);
   if (params.empty() || d.is_meta()) return;
   if (d.is_cpu()) {
     adagrad_cpu(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
-                maximize, grad_scale, found_inf);
+                maximize, grad_scale, found_inf, master_params);
   } else if (d.is_cuda()) {
     adagrad_cuda(params, grads, state_sums, state_steps, lr, lr_decay, weight_decay, eps,
-                 maximize, grad_scale, found_inf);
+                 maximize, grad_scale, found_inf, master_params);
   } else {
     bad_device(op, d);
   }
@@ -167,26 +200,28 @@ void fused_adagrad_(at::TensorList params, at::TensorList grads, at::TensorList 
 
 void fused_sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                 double lr, double momentum, double dampening, bool nesterov, double weight_decay,
-                bool maximize, bool is_first_step, const OptTensor& grad_scale,
-                const OptTensor& found_inf) {
+                bool maximize, bool is_first_step, at::TensorList master_params,
+                const OptTensor& grad_scale, const OptTensor& found_inf) {
   const char* op = "hift_ext::fused_sgd_";
+  const bool master = !master_params.empty();
   std::vector<NamedList> lists{{"params", params}, {"grads", grads}};
   if (momentum != 0.0) {
-    lists.push_back({"momentum_buffers", momentum_buffers});
+    lists.push_back(state_list("momentum_buffers", momentum_buffers, master));
   } else {
     TORCH_CHECK(momentum_buffers.empty(), op, ": momentum_buffers must be empty when "
                 "momentum == 0, got ", momentum_buffers.size(), " tensors");
   }
   TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
               ": nesterov momentum requires a momentum and zero dampening");
+  add_masters(lists, master_params);
   const at::Device d = check_inputs(op, lists, nullptr, grad_scale, found_inf);
   if (params.empty() || d.is_meta()) return;
   if (d.is_cpu()) {
     sgd_cpu(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay,
-            maximize, is_first_step, grad_scale, found_inf);
+            maximize, is_first_step, grad_scale, found_inf, master_params);
   } else if (d.is_cuda()) {
     sgd_cuda(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay,
-             maximize, is_first_step, grad_scale, found_inf);
+             maximize, is_first_step, grad_scale, found_inf, master_params);
   } else {
     bad_device(op, d);
   }
@@ -210,59 +245,71 @@ void fused_adamw_view(c10::DispatchKeySet ks, at::TensorList params, at::TensorL
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                       at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                       double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-                      bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+                      bool maximize, at::TensorList master_params, const OptTensor& grad_scale,
+                      const OptTensor& found_inf) {
   static const auto op = find_op<decltype(fused_adamw_)>("hift_ext::fused_adamw_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, exp_avg_sqs,
                   max_exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad,
-                  maximize, grad_scale, found_inf);
+                  maximize, master_params, grad_scale, found_inf);
   }
   bump_versions(params);
   bump_versions(exp_avgs);
   bump_versions(exp_avg_sqs);
   bump_versions(max_exp_avg_sqs);
+  bump_versions(master_params);
 }
 
 void fused_adagrad_view(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
                         at::TensorList state_sums, at::TensorList state_steps, double lr,
                         double lr_decay, double weight_decay, double eps, bool maximize,
-                        const OptTensor& grad_scale, const OptTensor& found_inf) {
+                        at::TensorList master_params, const OptTensor& grad_scale,
+                        const OptTensor& found_inf) {
   static const auto op = find_op<decltype(fused_adagrad_)>("hift_ext::fused_adagrad_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, state_sums, state_steps,
-                  lr, lr_decay, weight_decay, eps, maximize, grad_scale, found_inf);
+                  lr, lr_decay, weight_decay, eps, maximize, master_params, grad_scale,
+                  found_inf);
   }
   bump_versions(params);
   bump_versions(state_sums);
+  bump_versions(master_params);
 }
 
 void fused_sgd_view(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
                     at::TensorList momentum_buffers, double lr, double momentum,
                     double dampening, bool nesterov, double weight_decay, bool maximize,
-                    bool is_first_step, const OptTensor& grad_scale, const OptTensor& found_inf) {
+                    bool is_first_step, at::TensorList master_params,
+                    const OptTensor& grad_scale, const OptTensor& found_inf) {
   static const auto op = find_op<decltype(fused_sgd_)>("hift_ext::fused_sgd_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, momentum_buffers, lr,
                   momentum, dampening, nesterov, weight_decay, maximize, is_first_step,
-                  grad_scale, found_inf);
+                  master_params, grad_scale, found_inf);
   }
   bump_versions(params);
   bump_versions(momentum_buffers);
+  bump_versions(master_params);
 }
 
 // Autograd kernels (unboxed): optimizer updates are not differentiable. Registering them avoids
 // torch's boxed autograd fallback, which would copy every tensor of every list into IValues on
 // each call (measurable with thousands of tensors), and gives a clear error instead of a silent
 // in-place update of tensors autograd is tracking.
-void check_no_grad(const char* op, at::TensorList params) {
+void check_no_grad(const char* op, at::TensorList params, at::TensorList master_params) {
   if (!at::GradMode::is_enabled()) return;
   for (const auto& p : params) {
     TORCH_CHECK(!p.defined() || !p.requires_grad(), op,
                 ": params require grad and grad mode is enabled; optimizer updates are not "
                 "differentiable, call it under torch.no_grad() (torch.optim optimizers do)");
+  }
+  for (const auto& p : master_params) {
+    TORCH_CHECK(!p.defined() || !p.requires_grad(), op,
+                ": master_params require grad and grad mode is enabled; optimizer updates are "
+                "not differentiable, call it under torch.no_grad() (torch.optim optimizers do)");
   }
 }
 
@@ -270,58 +317,66 @@ void fused_adamw_autograd(c10::DispatchKeySet ks, at::TensorList params, at::Ten
                           at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                           double beta1, double beta2, double weight_decay, double eps,
-                          bool amsgrad, bool maximize, const OptTensor& grad_scale,
-                          const OptTensor& found_inf) {
+                          bool amsgrad, bool maximize, at::TensorList master_params,
+                          const OptTensor& grad_scale, const OptTensor& found_inf) {
   static const auto op = find_op<decltype(fused_adamw_)>("hift_ext::fused_adamw_");
-  check_no_grad("hift_ext::fused_adamw_", params);
+  check_no_grad("hift_ext::fused_adamw_", params, master_params);
   at::AutoDispatchBelowAutograd guard;
   op.redispatch(ks & c10::after_autograd_keyset, params, grads, exp_avgs, exp_avg_sqs,
                 max_exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad,
-                maximize, grad_scale, found_inf);
+                maximize, master_params, grad_scale, found_inf);
 }
 
 void fused_adagrad_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
                             at::TensorList state_sums, at::TensorList state_steps, double lr,
                             double lr_decay, double weight_decay, double eps, bool maximize,
-                            const OptTensor& grad_scale, const OptTensor& found_inf) {
+                            at::TensorList master_params, const OptTensor& grad_scale,
+                            const OptTensor& found_inf) {
   static const auto op = find_op<decltype(fused_adagrad_)>("hift_ext::fused_adagrad_");
-  check_no_grad("hift_ext::fused_adagrad_", params);
+  check_no_grad("hift_ext::fused_adagrad_", params, master_params);
   at::AutoDispatchBelowAutograd guard;
   op.redispatch(ks & c10::after_autograd_keyset, params, grads, state_sums, state_steps, lr,
-                lr_decay, weight_decay, eps, maximize, grad_scale, found_inf);
+                lr_decay, weight_decay, eps, maximize, master_params, grad_scale, found_inf);
 }
 
 void fused_sgd_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
                         at::TensorList momentum_buffers, double lr, double momentum,
                         double dampening, bool nesterov, double weight_decay, bool maximize,
-                        bool is_first_step, const OptTensor& grad_scale,
-                        const OptTensor& found_inf) {
+                        bool is_first_step, at::TensorList master_params,
+                        const OptTensor& grad_scale, const OptTensor& found_inf) {
   static const auto op = find_op<decltype(fused_sgd_)>("hift_ext::fused_sgd_");
-  check_no_grad("hift_ext::fused_sgd_", params);
+  check_no_grad("hift_ext::fused_sgd_", params, master_params);
   at::AutoDispatchBelowAutograd guard;
   op.redispatch(ks & c10::after_autograd_keyset, params, grads, momentum_buffers, lr, momentum,
-                dampening, nesterov, weight_decay, maximize, is_first_step, grad_scale,
-                found_inf);
+                dampening, nesterov, weight_decay, maximize, is_first_step, master_params,
+                grad_scale, found_inf);
 }
 
 }  // namespace
 }  // namespace optim
 }  // namespace hift_ext
 
+// master_params (keyword, required by the raw op; the python wrappers default it to []): empty,
+// or one float32 master weight per param. With masters the update runs in fp32 on the master
+// (states fp32, grads in the param's dtype) and each param receives its master rounded to the
+// param's dtype; see csrc/optim/update.h (storage policies).
 TORCH_LIBRARY(hift_ext, m) {
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, *, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, Tensor(e!)[] master_params, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   m.def(
       "fused_adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
       "Tensor[] state_steps, *, float lr, float lr_decay, float weight_decay, float eps, "
-      "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, Tensor(c!)[] master_params, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   m.def(
       "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
       "float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
-      "bool maximize, bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool maximize, bool is_first_step, Tensor(c!)[] master_params, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }
 
 #define HIFT_REGISTER_IMPLS(KEY)                                      \

@@ -1,8 +1,9 @@
 // Per-element update math of AdamW, AdaGrad and SGD: the single source of truth.
 //
-// The same templates are instantiated by the CPU kernel (cpu.cpp) with V = float for scalar tails
-// and V = at::vec::Vectorized<float> for the SIMD body, and by the CUDA kernel (cuda.cu) with
-// V = float. So a formula changes in exactly one place for every device and dtype.
+// The same templates are instantiated by the CPU kernel (cpu_kernels.h) with
+// V = at::vec::Vectorized<float> (the SIMD body, and the tail on padded copies) and by the CUDA
+// kernel (cuda.cu) with V = float. So a formula changes in exactly one place for every device and
+// dtype.
 //
 // Every formula mirrors torch.optim's single-tensor implementation operation by operation
 // (torch/optim/adam.py, adagrad.py, sgd.py), with fp32 math ("opmath") for fp32/bf16/fp16 storage:
@@ -13,10 +14,16 @@
 //           p += -lr * g
 // Scalars derived from the python floats (1 - lr*wd, bias corrections, ...) are computed in double
 // and rounded once to float, exactly as torch does when it passes a python scalar to a float op.
+//
+// The math sees fp32 values only. Where they are loaded from and stored to is a storage policy
+// (end of this file): PlainStorage<T> (param, grad and states all T; the update reads and writes
+// the param) or MasterStorage<T> (fp32 master weights: the update reads and writes the fp32
+// master with fp32 states, reads a T grad, and stores the master rounded to T into the param).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HIFT_HD __host__ __device__ __forceinline__
@@ -37,8 +44,9 @@ namespace optim {
 inline namespace HIFT_UPDATE_NS {
 
 // Element-wise helpers a value type V must provide. Specialized for float here and for
-// at::vec::Vectorized<float> in cpu.cpp (a template specialization is found at instantiation, so
-// this header needs no ATen include and stays valid for nvcc device code and plain g++).
+// at::vec::Vectorized<float> in cpu_kernels.h (a template specialization is found at
+// instantiation, so this header needs no ATen include and stays valid for nvcc device code and
+// plain g++).
 template <class V>
 struct VecOps;
 
@@ -188,6 +196,88 @@ HIFT_HD void sgd_update(V& p, V g, V& buf, const SgdArgs<V>& a, const Flags& f, 
     g = s.nesterov ? g + a.momentum * buf : buf;  // grad.add(buf, alpha=momentum)
   }
   p = p + a.neg_lr * g;                     // param.add_(grad, alpha=-lr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage policies: the element types a tensor's streams are loaded from and stored to. The update
+// functions above are the same for every policy; only loads and stores change.
+//
+// Streams of one tensor, in the order every kernel uses:
+//   weight : the value the math calls p, read and written (PlainStorage: the param itself;
+//            MasterStorage: the fp32 master weight)
+//   grad   : read only, never written (AMP unscaling happens in registers)
+//   states : NS optimizer states, read (unless a call says they are fresh) and written
+//   param  : MasterStorage only: written, never read; receives the updated master rounded to the
+//            param's dtype (round to nearest even: static_cast / at::vec::convert_from_float, the
+//            conversion torch's Tensor.to uses), so param == master.to(param.dtype) after a step.
+// ---------------------------------------------------------------------------------------------
+template <class T>
+struct PlainStorage {
+  using weight_t = T;
+  using grad_t = T;
+  using state_t = T;
+  using param_t = T;
+  static constexpr bool kMaster = false;
+};
+
+template <class T>
+struct MasterStorage {
+  using weight_t = float;
+  using grad_t = T;
+  using state_t = float;
+  using param_t = T;
+  static constexpr bool kMaster = true;
+};
+
+template <bool MASTER, class T>
+using StorageOf = typename std::conditional<MASTER, MasterStorage<T>, PlainStorage<T>>::type;
+
+// Typed pointers of one tensor's streams, already offset to the first element of a span.
+template <class S, int NS>
+struct StreamPtrs {
+  static constexpr int kStates = NS;
+  typename S::weight_t* weight;
+  const typename S::grad_t* grad;
+  typename S::state_t* state[NS > 0 ? NS : 1];
+  typename S::param_t* param;  // MasterStorage only (null otherwise)
+};
+
+// Builds StreamPtrs from untyped pointers (the CPU work items and the CUDA tensor table store
+// them as void*: one table serves every dtype and policy) plus an element offset.
+template <class S, int NS>
+HIFT_HD StreamPtrs<S, NS> stream_ptrs(void* weight, const void* grad, void* const* states,
+                                      void* param, int64_t offset) {
+  StreamPtrs<S, NS> q;
+  q.weight = static_cast<typename S::weight_t*>(weight) + offset;
+  q.grad = static_cast<const typename S::grad_t*>(grad) + offset;
+  for (int k = 0; k < (NS > 0 ? NS : 1); ++k)
+    q.state[k] = k < NS ? static_cast<typename S::state_t*>(states[k]) + offset : nullptr;
+  q.param = S::kMaster ? static_cast<typename S::param_t*>(param) + offset : nullptr;
+  return q;
+}
+
+// Stores an updated weight value: the weight stream, and for MasterStorage the rounded param.
+template <class S, int NS>
+HIFT_HD void store_weight(const StreamPtrs<S, NS>& q, int64_t i, float w) {
+  q.weight[i] = static_cast<typename S::weight_t>(w);
+  if (S::kMaster) q.param[i] = static_cast<typename S::param_t>(w);
+}
+
+// One element through the policy: load weight, grad and states as fp32, op(w, g, s) (an update
+// function above), store weight (+ param) and states. States enter op as 0 when !load_states
+// (SGD's first step: the fresh momentum buffer may be uninitialized memory). The CUDA kernel's
+// scalar path; its vector path and the CPU kernel do the same with vector loads and stores.
+template <class S, int NS, class Op>
+HIFT_HD void update_element(const StreamPtrs<S, NS>& q, int64_t i, bool load_states,
+                            const Op& op) {
+  float w = static_cast<float>(q.weight[i]);
+  float s[NS > 0 ? NS : 1] = {};
+  if (load_states) {
+    for (int k = 0; k < NS; ++k) s[k] = static_cast<float>(q.state[k][i]);
+  }
+  op(w, static_cast<float>(q.grad[i]), s);
+  store_weight(q, i, w);
+  for (int k = 0; k < NS; ++k) q.state[k][i] = static_cast<typename S::state_t>(s[k]);
 }
 
 }  // namespace HIFT_UPDATE_NS
