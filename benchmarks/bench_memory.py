@@ -352,6 +352,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="default: a full HiFT cycle")
     ap.add_argument("--predict", nargs="*", default=["7b", "llama3-8b", "13b", "70b"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--name", default="memory", help="results file stem: <out>/<name>-<device>.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -430,7 +431,7 @@ def main(argv=None):
                     print(f"{name:>9} {dtype:>5} {sum(unit_params(cfg)) / 1e9:7.2f}B {mode:>13} {int(gc_on):>3} "
                           f"{'-':>9} {pred:9.2f}  (predicted, seq 512"
                           + (f", budget {budget / GIB:g} GiB)" if budget else ")"))
-    path = write_results(rows, device, args.out)
+    path = write_results(rows, device, args.out, args.name)
     png = path[:-5] + ".png"
     plot(rows, png, f"AdamW ({'/'.join(args.dtypes)}), batch {args.batch}, {device.type}")
     print(f"wrote {path} and {png}")

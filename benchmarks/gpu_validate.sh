@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation in one pass, for a lent GPU machine with no network (issue 7):
+# GPU validation in one pass, for a lent GPU machine with no network (issues 7, 13, 17):
 # build the extension for the visible card, run the whole test suite with the CUDA tests enabled,
 # then the kernel / overlap / memory / step benchmarks. Each stage has its own time limit, so one
 # hang cannot eat the rest; results are packed after every stage, so a cut-off run still returns
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-STAGES="${*:-build tests kernels memory7b overlap step tests-all}"
+STAGES="${*:-build tests kernels memory7b memory-bf16 overlap step tests-all}"
 SUMMARY=()
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -72,6 +72,10 @@ for s in $STAGES; do
     overlap) stage overlap 150 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 --profile ;;
     memory7b)  # the paper's scale: LLaMA-7B fp32 AdamW, batch 1, seq 512 (targets 40 / 32 GiB)
       stage memory7b 240 $PY benchmarks/bench_memory.py --models 7b --modes hift_offload full --gc both ;;
+    memory-bf16)  # bf16 weights + fp32 masters streamed under a 2 GiB device budget (issue 13 targets:
+      # LLaMA-7B <= 20 GiB, <= 16 GiB with gradient checkpointing; Llama-3-8B <= 20 GiB with it)
+      stage memory-bf16 300 $PY benchmarks/bench_memory.py --models 7b llama3-8b --dtypes bf16 \
+        --modes hift_offload --gc both --budget-gib 2 --predict --name memory-bf16 ;;
     memory) stage memory 300 $PY benchmarks/bench_memory.py --models 1b 3b 7b --gc both ;;
     step) stage step 120 $PY benchmarks/bench_step.py --device cuda --hidden 2048 --layers 16 --seq 512 \
         --vocab 32000 --heads 16 --batch 4 ;;
