@@ -326,6 +326,19 @@ void Engine::ensure_arena_locked(std::unique_lock<std::mutex>& lk, int64_t piece
   quarter_ = q;
   ++arena_allocs_;
   device_peak_ = std::max(device_peak_, budget_ + overflow_bytes_);
+  fence_new_arena_locked();
+}
+
+void Engine::fence_new_arena_locked() {
+#ifdef HIFT_EXT_WITH_CUDA
+  // The allocator may hand out a block the compute stream still uses: the first copies into the
+  // arena (on the H2D stream) wait for the compute stream's work so far.
+  if (is_cuda_) {
+    auto ev = std::make_shared<at::cuda::CUDAEvent>(cudaEventDisableTiming);
+    ev->record(at::cuda::getCurrentCUDAStream(device_.index()));
+    for (auto& f : fences_) f.compute_ev = ev;
+  }
+#endif
 }
 
 void Engine::lease_locked(PieceRec& p, const std::shared_ptr<Task>& t) {
@@ -694,6 +707,7 @@ void Engine::set_device_budget(int64_t nbytes) {
   budget_fixed_ = true;
   ++arena_allocs_;
   device_peak_ = std::max(device_peak_, budget_ + overflow_bytes_);
+  fence_new_arena_locked();
 }
 
 void Engine::reserve(int64_t nbytes) {
@@ -773,7 +787,9 @@ void Engine::release(int64_t g, int64_t piece) {
   auto& p = piece_locked(r, g, piece, "release");
   if (p.state == PieceRec::kResident) {
     auto wb = issue_writeback_locked(g, r, piece, /*keep_resident=*/false);
-    unlease_locked(p, wb, /*used_by_compute=*/false);  // the write-back itself waits for compute
+    // The write-back waits for the compute stream itself; the compute fence also covers a
+    // write-back that fails before it enqueues anything.
+    unlease_locked(p, wb, /*used_by_compute=*/true);
     p.h2d.reset();
     p.state = PieceRec::kHost;
   } else if (p.state == PieceRec::kPrefetching) {
