@@ -298,32 +298,35 @@ void Engine::ensure_arena_locked(std::unique_lock<std::mutex>& lk, int64_t piece
   // Automatic size: two halves, each holding the largest piece (one being updated or written back
   // while the next is prefetched). Growing needs the old arena idle: nothing leased, nothing in
   // flight; otherwise this piece takes an overflow buffer (counted) and the arena grows later.
-  if (budget_ > 0) {
+  if (budget_ > 0)
     for (bool l : leased_)
       if (l) return;
-    std::vector<std::shared_ptr<Task>> all(h2d_q_.begin(), h2d_q_.end());
-    all.insert(all.end(), d2h_q_.begin(), d2h_q_.end());
-    for (auto& f : fences_)
-      if (f.task) all.push_back(f.task);
-    for (auto& t : all) wait_task(lk, t);
+  reallocate_arena_locked(lk, round_up((largest + 1) / 2, kAlign));
+}
+
+void Engine::reallocate_arena_locked(std::unique_lock<std::mutex>& lk, int64_t quarter) {
+  // Every copy into or out of the old arena and the compute work fenced on it must be done.
+  std::vector<std::shared_ptr<Task>> all(h2d_q_.begin(), h2d_q_.end());
+  all.insert(all.end(), d2h_q_.begin(), d2h_q_.end());
+  for (auto& f : fences_)
+    if (f.task) all.push_back(f.task);
+  for (auto& t : all) wait_task(lk, t);
 #ifdef HIFT_EXT_WITH_CUDA
-    for (auto& t : all)
-      if (t->done_ev && t->done_ev->isCreated()) t->done_ev->synchronize();
-    for (auto& f : fences_)
-      if (f.compute_ev && f.compute_ev->isCreated()) f.compute_ev->synchronize();
+  for (auto& t : all)
+    if (t->done_ev && t->done_ev->isCreated()) t->done_ev->synchronize();
+  for (auto& f : fences_)
+    if (f.compute_ev && f.compute_ev->isCreated()) f.compute_ev->synchronize();
 #endif
-    for (auto& f : fences_) f = Fence{};
-  }
-  const int64_t q = round_up((largest + 1) / 2, kAlign);
+  for (auto& f : fences_) f = Fence{};
   at::Tensor old = std::move(arena_);
   old.reset();
 #ifdef HIFT_EXT_WITH_CUDA
   c10::optional<c10::cuda::CUDAGuard> guard;
   if (is_cuda_) guard.emplace(device_.index());
 #endif
-  arena_ = at::empty({kQuarters * q}, at::TensorOptions().dtype(at::kByte).device(device_));
-  budget_ = kQuarters * q;
-  quarter_ = q;
+  arena_ = at::empty({kQuarters * quarter}, at::TensorOptions().dtype(at::kByte).device(device_));
+  budget_ = kQuarters * quarter;
+  quarter_ = quarter;
   ++arena_allocs_;
   device_peak_ = std::max(device_peak_, budget_ + overflow_bytes_);
   fence_new_arena_locked();
@@ -683,31 +686,8 @@ void Engine::set_device_budget(int64_t nbytes) {
   for (bool l : leased_)
     TORCH_CHECK(!l, "hift_ext offload: set_device_budget while pieces are on the device; release them first");
   if (budget_fixed_ && q == quarter_) return;
-  std::vector<std::shared_ptr<Task>> all(h2d_q_.begin(), h2d_q_.end());
-  all.insert(all.end(), d2h_q_.begin(), d2h_q_.end());
-  for (auto& f : fences_)
-    if (f.task) all.push_back(f.task);
-  for (auto& t : all) wait_task(lk, t);
-#ifdef HIFT_EXT_WITH_CUDA
-  for (auto& t : all)
-    if (t->done_ev && t->done_ev->isCreated()) t->done_ev->synchronize();
-  for (auto& f : fences_)
-    if (f.compute_ev && f.compute_ev->isCreated()) f.compute_ev->synchronize();
-#endif
-  for (auto& f : fences_) f = Fence{};
-  at::Tensor old = std::move(arena_);
-  old.reset();
-#ifdef HIFT_EXT_WITH_CUDA
-  c10::optional<c10::cuda::CUDAGuard> guard;
-  if (is_cuda_) guard.emplace(device_.index());
-#endif
-  arena_ = at::empty({kQuarters * q}, at::TensorOptions().dtype(at::kByte).device(device_));
-  budget_ = kQuarters * q;
-  quarter_ = q;
+  reallocate_arena_locked(lk, q);
   budget_fixed_ = true;
-  ++arena_allocs_;
-  device_peak_ = std::max(device_peak_, budget_ + overflow_bytes_);
-  fence_new_arena_locked();
 }
 
 void Engine::reserve(int64_t nbytes) {

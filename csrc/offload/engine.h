@@ -196,6 +196,7 @@ class Engine {
   void lease_locked(PieceRec& p, const std::shared_ptr<Task>& t);
   void unlease_locked(PieceRec& p, const std::shared_ptr<Task>& last_user, bool used_by_compute);
   void ensure_arena_locked(std::unique_lock<std::mutex>& lk, int64_t piece_bytes);
+  void reallocate_arena_locked(std::unique_lock<std::mutex>& lk, int64_t quarter);
   void fence_new_arena_locked();
   std::shared_ptr<Task> issue_prefetch_locked(std::unique_lock<std::mutex>& lk, int64_t g, GroupRec& r, int64_t j);
   std::shared_ptr<Task> issue_writeback_locked(int64_t g, GroupRec& r, int64_t j, bool keep_resident);
