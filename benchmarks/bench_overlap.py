@@ -2,15 +2,23 @@
 
 Same model (two copies with the same weights), same run, same batches: whole HiFT cycles
 alternate between the resident and the offloading optimizer after a warm-up cycle each (every group
-visited, so every transfer size counts). A training step = forward + backward + optimizer step. With offload, the next group's state
-is prefetched on the H2D stream while this group's forward/backward runs, and the updated state is
-written back on the D2H stream, so the overhead should be small (target: <= 5% on an H100).
+visited, so every transfer size counts). A training step = forward + backward + optimizer step. With
+offload, the next group's state is prefetched on the H2D stream while this group's forward/backward
+runs, and the updated state is written back on the D2H stream, so the overhead should be small
+(target: <= 5% on an H100).
+
+``--steps-per-group K ...`` measures each K (K consecutive steps per group; a cycle is k * K steps):
+the active group's state stays on the device for its block, so a group's state crosses once per K
+steps and the engine's traffic per step (bytes moved per step, from engine.stats() over the timed
+cycles) falls by K.
 
     python benchmarks/bench_overlap.py                    # CPU: tiny model; CUDA: 1b
     python benchmarks/bench_overlap.py --models 1b 3b --cycles 3
+    python benchmarks/bench_overlap.py --steps-per-group 1 4 16 --min-steps 224 --tag steps-per-group
 
-Writes benchmarks/results/overlap-<device>.json: rows {model, params, cycle_s_resident,
-cycle_s_offload, overhead (whole cycles), step_s_*, overhead_steps, per-group step times, ...}.
+Writes benchmarks/results/overlap[-TAG]-<device>.json: rows {model, params, steps_per_group,
+cycle_s_resident, cycle_s_offload, overhead (whole cycles), overhead_pairs_median, step_s_*, traffic per step
+(h2d/d2h bytes and copies), per-group step times, ...}.
 """
 from __future__ import annotations
 
@@ -36,13 +44,13 @@ def _time_cycles(model, opt, ids, cycles: int, device) -> tuple[list[float], lis
     overlaps with the next forward (seen on an H200: it added ~7 ms, the 352 MB DMA, to every
     step). A cycle (every group once) is timed from device-idle to device-idle: everything counts."""
     cuda = device.type == "cuda"
-    k = opt.num_groups
+    n = opt.schedule.cycle_length  # k groups x steps_per_group
     step_times, cycle_times = [], []
     for _ in range(cycles):
         if cuda:
             torch.cuda.synchronize()
         c0 = time.perf_counter()
-        for _ in range(k):
+        for _ in range(n):
             t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -80,9 +88,11 @@ def _profile_cycle(model, opt, ids, device, top: int = 15) -> list[dict]:
 
 
 def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: int, gc_on: bool,
-            attn: str, tuning: dict | None = None, profile: bool = False) -> dict:
+            attn: str, tuning: dict | None = None, profile: bool = False, steps_per_group: int = 1,
+            min_steps: int = 0) -> dict:
     """Two copies of the model (same weights), one optimizer each; whole cycles alternate between
-    them (resident, offload, resident, ...), so machine drift hits both the same way."""
+    them (resident, offload, resident, ...), so machine drift hits both the same way. At least
+    ``cycles`` timed cycles per mode, more when needed for ``min_steps`` timed steps."""
     from hift_ext.optim import FusedHiFTAdamW as HiFT
 
     cfg = CONFIGS[name]
@@ -92,12 +102,17 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
         model = build_model(cfg, device, attn=attn)
         if gc_on:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        opt = HiFT(model, lr=1e-6, offload=offload, **({"offload_slots": num_slots} if offload else {}))
+        opt = HiFT(model, lr=1e-6, offload=offload, steps_per_group=steps_per_group,
+                   **({"offload_slots": num_slots} if offload else {}))
         if offload and tuning:
-            opt._offload.set_tuning(**tuning)
+            opt.offload_engine.set_tuning(**tuning)
         _time_cycles(model, opt, ids, 1, device)  # warm-up: creates every group's state
         runs[tag] = (model, opt, [], [])
     params = sum(p.numel() for p in runs["resident"][0].parameters())
+    cycle_len = runs["offload"][1].schedule.cycle_length
+    cycles = max(cycles, -(-min_steps // cycle_len))
+    eng = getattr(runs["offload"][1], "_offload", None)
+    stats_before = eng.engine.stats() if eng is not None else None
     alloc_events: dict = {"resident": {}, "offload": {}}
     for _ in range(cycles):
         for tag in ("resident", "offload"):
@@ -111,12 +126,13 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
                 alloc_events[tag][key] = alloc_events[tag].get(key, 0) + after[key] - before[key]
     res_t, off_t = runs["resident"][2], runs["offload"][2]
     opt = runs["offload"][1]
+    stats_after = eng.engine.stats() if eng is not None else None  # before memory_report's sync
     rep = opt.memory_report()
-    eng = getattr(opt, "_offload", None)
     half = len(res_t) // 2
     drift = abs(statistics.mean(res_t[half:]) / statistics.mean(res_t[:half]) - 1) if half else 0.0
     row = dict(model=name, params=params, batch=batch, seq=seq, gradient_checkpointing=gc_on,
-               num_slots=num_slots, steps_per_mode=len(off_t),
+               num_slots=num_slots, steps_per_group=steps_per_group, num_groups=opt.num_groups,
+               cycle_steps=cycle_len, cycles_per_mode=cycles, steps_per_mode=len(off_t),
                step_s_resident=statistics.mean(res_t), step_s_offload=statistics.mean(off_t),
                step_s_resident_median=statistics.median(res_t),
                step_s_offload_median=statistics.median(off_t),
@@ -128,16 +144,34 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     row["overhead_steps"] = row["step_s_offload"] / row["step_s_resident"] - 1
     # the headline: whole cycles, device idle to device idle (every copy finished)
     row["overhead"] = row["cycle_s_offload"] / row["cycle_s_resident"] - 1
+    # the same from each pair of adjacent cycles (resident, then offload), median over the pairs:
+    # robust to load that changes during the run (a busy machine, long cycles at large K)
+    row["overhead_pairs_median"] = statistics.median(o / r for o, r in zip(off_c, res_c)) - 1
     # caching-allocator events during the timed cycles: cudaMalloc/cudaFree (which can wait for
     # the copies in flight) are a suspect for the offload overhead seen on an H200
     row["allocator_events"] = alloc_events
     if eng is not None:
-        row["engine_stats"] = eng.stats()
-        row["engine_tuning"] = eng.tuning()
-    # per HiFT group (bottom to top): where the offload overhead sits
-    k = opt.num_groups
-    row["step_s_by_group_resident"] = [statistics.mean(res_t[i::k]) for i in range(k)]
-    row["step_s_by_group_offload"] = [statistics.mean(off_t[i::k]) for i in range(k)]
+        row["engine_stats"] = stats_after
+        row["engine_tuning"] = eng.engine.tuning()
+        # the engine's traffic during the timed cycles (whole cycles: every group fetched and
+        # written back the same number of times), per training step
+        delta = {key: stats_after[key] - stats_before[key] for key in
+                 ("h2d_bytes", "d2h_bytes", "h2d_copies", "d2h_copies")}
+        n = len(off_t)
+        row["engine_traffic_timed"] = delta
+        row["h2d_bytes_per_step"] = delta["h2d_bytes"] / n
+        row["d2h_bytes_per_step"] = delta["d2h_bytes"] / n
+        row["bytes_per_step"] = (delta["h2d_bytes"] + delta["d2h_bytes"]) / n
+        row["h2d_copies_per_step"] = delta["h2d_copies"] / n
+        row["d2h_copies_per_step"] = delta["d2h_copies"] / n
+        row["state_bytes_all_groups"] = rep.get("host_store_bytes")
+    # per HiFT group (bottom to top, down2up: step j of a cycle updates group j // K): where the
+    # offload overhead sits
+    k, K = opt.num_groups, steps_per_group
+    by_group = lambda ts: [statistics.mean([t for j, t in enumerate(ts) if (j % cycle_len) // K == g])  # noqa: E731
+                           for g in range(k)]
+    row["step_s_by_group_resident"] = by_group(res_t)
+    row["step_s_by_group_offload"] = by_group(off_t)
     if profile:
         row["profile_top_ops"] = {tag: _profile_cycle(runs[tag][0], runs[tag][1], ids, device)
                                   for tag in ("resident", "offload")}
@@ -154,7 +188,11 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", default=None)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--cycles", type=int, default=2)
+    ap.add_argument("--cycles", type=int, default=2, help="timed cycles per mode (at least)")
+    ap.add_argument("--steps-per-group", type=int, nargs="+", default=[1], metavar="K",
+                    help="steps per group to measure, e.g. 1 4 16 (one row per model and K) [default: 1]")
+    ap.add_argument("--min-steps", type=int, default=0,
+                    help="at least this many timed steps per mode (more cycles for small K) [default: 0]")
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
     ap.add_argument("--pipeline-mb", type=float, default=None,
@@ -165,25 +203,31 @@ def main(argv=None):
                     help="also profile one cycle per mode (top host-side ops into the JSON)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    if any(k < 1 for k in args.steps_per_group):
+        ap.error(f"--steps-per-group: every K must be >= 1, got {args.steps_per_group}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     seq = args.seq or (512 if cuda else 128)
     models = args.models or (["1b"] if cuda else ["tiny"])
     rows = []
-    print(f"{'model':>6} {'params':>8} {'cycle res s':>11} {'cycle off s':>11} {'overhead':>9} "
-          f"{'step res s':>10} {'step off s':>10} {'step ovh':>8} {'drift':>6}")
+    print(f"{'model':>6} {'params':>8} {'K':>3} {'cycle res s':>11} {'cycle off s':>11} {'overhead':>9} "
+          f"{'pairs ovh':>9} {'step res s':>10} {'step off s':>10} {'drift':>6} {'MiB/step':>9} {'copies/step':>11}")
     for name in models:
         tuning = {}
         if args.pipeline_mb is not None:
             tuning["pipeline_bytes"] = int(args.pipeline_mb * (1 << 20))
         if args.copy_threads is not None:
             tuning["copy_threads"] = args.copy_threads
-        r = run_one(name, device, batch=args.batch, seq=seq, cycles=args.cycles, num_slots=args.slots,
-                    gc_on=args.gc, attn="sdpa" if cuda else "eager", tuning=tuning, profile=args.profile)
-        rows.append(r)
-        print(f"{name:>6} {r['params'] / 1e6:7.1f}M {r['cycle_s_resident']:11.4f} {r['cycle_s_offload']:11.4f} "
-              f"{100 * r['overhead']:8.1f}% {r['step_s_resident']:10.4f} {r['step_s_offload']:10.4f} "
-              f"{100 * r['overhead_steps']:7.1f}% {100 * r['resident_drift']:5.1f}%")
+        for K in args.steps_per_group:
+            r = run_one(name, device, batch=args.batch, seq=seq, cycles=args.cycles, num_slots=args.slots,
+                        gc_on=args.gc, attn="sdpa" if cuda else "eager", tuning=tuning, profile=args.profile,
+                        steps_per_group=K, min_steps=args.min_steps)
+            rows.append(r)
+            print(f"{name:>6} {r['params'] / 1e6:7.1f}M {K:>3} {r['cycle_s_resident']:11.4f} "
+                  f"{r['cycle_s_offload']:11.4f} {100 * r['overhead']:8.1f}% {100 * r['overhead_pairs_median']:8.1f}% "
+                  f"{r['step_s_resident']:10.4f} {r['step_s_offload']:10.4f} {100 * r['resident_drift']:5.1f}% "
+                  f"{r.get('bytes_per_step', 0) / 2**20:9.2f} "
+                  f"{r.get('h2d_copies_per_step', 0) + r.get('d2h_copies_per_step', 0):11.3f}", flush=True)
     from bench_memory import write_results
 
     path = write_results(rows, device, args.out, name="overlap" + (f"-{args.tag}" if args.tag else ""))

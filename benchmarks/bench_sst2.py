@@ -9,11 +9,12 @@ training examples/s side by side, and writes benchmarks/results/sst2-<device>.js
     python benchmarks/bench_sst2.py                        # full-adamw, hift-adamw, hift-adagrad, hift-sgd
     python benchmarks/bench_sst2.py --epochs 1 --max-train-examples 2000   # a short version
     python benchmarks/bench_sst2.py --configs hift-adamw:lr=5e-4,group_size=2 --sweep
+    python benchmarks/bench_sst2.py --sweep --configs "hift-adamw:steps_per_group=4;hift-adamw:steps_per_group=4,lr_hold=visit"
     python benchmarks/bench_sst2.py --plot-only            # redraw the PNG from the JSON
 
 A config is NAME[:key=value,...] with NAME in full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, epochs,
-warmup_ratio, ...). Results are merged into the JSON run by run (a configuration already measured
+warmup_ratio, steps_per_group, lr_hold = cycle|visit, ...). Results are merged into the JSON run by run (a configuration already measured
 with identical settings is skipped unless --rerun), so a long benchmark can be done in pieces;
 --sweep files the runs under "sweep" instead of "runs".
 """
@@ -112,7 +113,8 @@ def run_one(settings: dict) -> dict:
     keep = ("eval_accuracy", "eval_loss", "eval_history", "train_examples_per_s", "train_time_s",
             "train_examples", "peak_memory_bytes", "peak_memory_kind", "optimizer_state_device_bytes",
             "optimizer_state_largest_group_bytes", "optimizer_state_full_ft_bytes", "epochs", "steps",
-            "num_groups", "mode", "optimizer", "lr", "group_size", "strategy", "device")
+            "num_groups", "mode", "optimizer", "lr", "group_size", "strategy", "steps_per_group", "lr_hold",
+            "device")
     rec = {k: m.get(k) for k in keep}
     rec.update(name=settings["name"], settings=s, wall_s=time.time() - t0,
                finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
@@ -164,6 +166,9 @@ def fmt_table(result: dict) -> str:
             continue  # partial runs are kept in the JSON only
         hist = " ".join(f"{100 * e['eval_accuracy']:.1f}" for e in r.get("eval_history") or [])
         groups = "-" if r["mode"] == "full" else f"{r['num_groups']}x{r['group_size']} {r['strategy']}"
+        blocks = (r.get("steps_per_group") or 1) > 1 or (r.get("settings") or {}).get("lr_hold")
+        if r["mode"] != "full" and blocks:
+            groups += f" K={r.get('steps_per_group') or 1} hold={r.get('lr_hold') or 'cycle'}"
         rows.append((r["name"] + (" (sweep)" if r in result.get("sweep", []) else ""), f"{r['lr']:g}", groups,
                      f"{100 * r['eval_accuracy']:.2f}%", hist, f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_time_s']:.0f}s", f"{r['optimizer_state_device_bytes'] / 2**20:.0f} MiB"))

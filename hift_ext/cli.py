@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"layer units per HiFT group [default: {d.group_size}]")
     o.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help=f"order in which groups are updated [default: {d.strategy}]")
+    o.add_argument("--steps-per-group", type=_positive_int, metavar="K", default=None,
+                   help="optimizer steps on each group before switching to the next (block-coordinate "
+                   "HiFT; with offload a group's state moves once per K steps) "
+                   f"[default: {d.steps_per_group}]")
     lrs = ", ".join(f"{m}-{o_}: {v:g}" for (m, o_), v in DEFAULT_LR.items())
     o.add_argument("--lr", type=_float_flag("lr"), metavar="LR", default=None,
                    help=f"peak learning rate [default per mode and optimizer: {lrs}]")
@@ -175,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 FINETUNE_FLAGS = (
     "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
-    "full", "group_size", "strategy", "lr", "weight_decay", "momentum", "scheduler", "warmup_ratio",
-    "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
+    "full", "group_size", "strategy", "steps_per_group", "lr", "weight_decay", "momentum", "scheduler",
+    "warmup_ratio", "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
     "logging_steps", "save_steps", "max_nonfinite_steps", "save_model",
 )
 
@@ -186,7 +190,7 @@ def _config_from_args(args):
     With --resume, the run's own values fill the flags not given (read from its JSON, once)."""
     from hift_ext.checkpoint import open_checkpoint
     from hift_ext.outputs import default_run_dir
-    from hift_ext.train import DEFAULT_MODEL_NAME, RESUMED_RUN_KEYS, TRAINING_KEYS, TrainConfig
+    from hift_ext.train import DEFAULT_MODEL_NAME, RESUMED_RUN_KEYS, TRAINING_KEYS, TrainConfig, with_legacy_keys
 
     explicit = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
     base: Dict[str, object] = {}
@@ -195,7 +199,7 @@ def _config_from_args(args):
     output = args.output
     if args.resume is not None:
         ck = open_checkpoint(args.resume)
-        saved = ck.config
+        saved = with_legacy_keys(ck.config)  # a run from before a key existed resumes with what it ran with
         base = {k: saved[k] for k in TRAINING_KEYS + RESUMED_RUN_KEYS if k in saved}
         if output is None:
             output = ck.run_dir

@@ -314,6 +314,15 @@ class GroupStateOffload:
     and writes the piece back; :meth:`after_step` prefetches the next group during the next
     forward/backward.
 
+    Several steps per group (the optimizer's ``steps_per_group``): the optimizer says, per update,
+    whether the same group is updated again next (``keep_resident``). A group of one piece then
+    stays on the device between its steps: one fetch at the block's first step, one write-back
+    after its last. The host views are stale while it is resident; :meth:`synchronize` writes it
+    back first (``engine.flush``: it stays resident) and :meth:`after_load` replaces its device copy
+    too (``engine.load_host``), so state_dict / load_state_dict / deepcopy see the true state. A
+    group streamed in several pieces (larger than half of the device budget) cannot stay: it streams
+    at every step.
+
     Args:
         device: the parameters' device.
         num_slots: pinned staging slots.
@@ -341,6 +350,7 @@ class GroupStateOffload:
         self._plans: dict[int, list[list[tuple[int, int, int]]]] = {}
         self._views: dict[int, list[list[tuple[int, str]]]] = {}
         self._prefetched: set[int] = set()
+        self._resident: int | None = None  # a group kept on the device between the steps of its block
         self._size(group_sizes)
 
     # ------------------------------------------------------------------------------- sizing
@@ -393,9 +403,13 @@ class GroupStateOffload:
 
     def _install(self, g, params, state, layout, tensors) -> None:
         self._prefetched.discard(g)
+        if self._resident == g:
+            self._resident = None  # remove_group drops the device copy; the new tensors replace it
         if self.engine.has_group(g):
             self.engine.remove_group(g)  # host views keep the old buffer alive until replaced
         self._layout.pop(g, None)
+        self._plans.pop(g, None)  # (a group loaded without state must not be prefetched later)
+        self._views.pop(g, None)
         if not layout:
             return
         self.engine.add_group(g, tensors)
@@ -436,13 +450,17 @@ class GroupStateOffload:
 
     # ------------------------------------------------------------------------------- the update
     def update(self, g: int, params: Sequence[Tensor], calls: Sequence[tuple[Any, Sequence[int], Sequence[Tensor], Sequence[str]]],
-               apply: Callable[[Any, list, list, list, list], None]) -> None:
+               apply: Callable[[Any, list, list, list, list], None], keep_resident: bool = False) -> None:
         """Run group g's update piece by piece.
 
         ``calls``: (tag, indices into ``params`` of the parameters it updates, their gradients, the
         state keys its kernel reads). For each piece, ``apply(tag, params, grads, states, idx)`` gets
         the pieces of those parameters and gradients (whole tensors, or 1-D element ranges), one
         list of device state tensors per key, and the positions in the call's lists.
+
+        ``keep_resident``: the caller updates g again at its next step, so a group of one piece is
+        not written back now (it stays on the device until an update without the flag,
+        :meth:`synchronize`'s flush keeping it there, or another group's update).
         """
         eng = self.engine
         for h in list(self._prefetched):  # a stale prefetch (e.g. a retried step)
@@ -450,9 +468,12 @@ class GroupStateOffload:
                 for j in range(self.num_pieces(h)):
                     eng.release(h, j)
         self._prefetched.clear()
+        if self._resident is not None and self._resident != g:  # e.g. the position was reloaded
+            self._release_resident()
         plan = self._plans.get(g)
         if not plan:
             return
+        keep = keep_resident and len(plan) == 1  # a streamed group cannot stay on the device
         pos = [{i: c for c, i in enumerate(index)} for _, index, _, _ in calls]
         done = 0
         try:
@@ -481,23 +502,40 @@ class GroupStateOffload:
                         idx.append(c)
                     if ps:
                         apply(tag, ps, gs, states, idx)
-                eng.release(g, j)  # the write-back waits for this piece's kernels, not the host
+                if not keep:
+                    eng.release(g, j)  # the write-back waits for this piece's kernels, not the host
                 done = j + 1
         except BaseException:
             for j in range(done, len(plan)):
                 eng.release(g, j)  # unchanged pieces go back (a kernel refuses before writing)
+            if self._resident == g:
+                self._resident = None
             raise
+        self._resident = g if keep else None
+
+    def _release_resident(self) -> None:
+        """Write the group kept on the device back (asynchronously) and free its device memory."""
+        h, self._resident = self._resident, None
+        if h is not None and self.engine.has_group(h):
+            for j in range(self.num_pieces(h)):
+                self.engine.release(h, j)
 
     def after_step(self, g: int, nxt: int) -> None:
-        """Group g was updated; overlap the next group's first pieces with its forward/backward."""
+        """Group g was updated; overlap the next group's first pieces with its forward/backward.
+        Within a block (nxt == g) nothing moves: the next group is prefetched only after the
+        block's last step."""
         if self.prefetch_next and nxt != g and nxt in self._plans:
             for j in range(min(2, self.num_pieces(nxt))):
                 self.engine.prefetch(nxt, j)
             self._prefetched.add(nxt)
 
     # ------------------------------------------------------------------------------- state
-    def synchronize(self) -> None:
-        """Every write-back done: the host views in the state mapping hold the true state."""
+    def synchronize(self, flush: bool = True) -> None:
+        """Every write-back done: the host views in the state mapping hold the true state. A group
+        kept on the device for its block is written back first and stays there (``flush=False``:
+        it is not, and its host views may be stale)."""
+        if flush and self._resident is not None:
+            self.engine.flush(self._resident)
         self.engine.synchronize()
 
     def after_load(self, param_groups: Sequence[dict], state) -> None:
@@ -534,6 +572,7 @@ class GroupStateOffload:
     def memory_report(self) -> dict:
         rep = self.engine.memory_report()
         rep["pieces_per_group"] = [self.num_pieces(g) for g in sorted(self._plans)]
+        rep["resident_group"] = self._resident  # kept on the device between the steps of its block
         return rep
 
     def __reduce__(self):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from hift_ext.schedule import GroupSchedule
+from hift_ext.schedule import GroupSchedule, check_steps_per_group
 
 __all__ = [
     "FusedAdamW",
@@ -888,6 +888,7 @@ class _HiFTMixin:
         group_size: int = 1,
         strategy: str = "down2up",
         seed: int = 0,
+        steps_per_group: int = 1,
         offload: bool | None = None,
         offload_slots: int = 2,
         offload_prefetch: bool = True,
@@ -897,6 +898,7 @@ class _HiFTMixin:
         name = type(self).__name__
         schedule_probe = GroupSchedule(1, strategy, seed)  # validates strategy and seed first
         del schedule_probe
+        check_steps_per_group(steps_per_group, f"{name}: steps_per_group")
         if isinstance(group_size, bool) or not isinstance(group_size, int):
             raise TypeError(f"{name}: group_size must be an int, got {group_size!r}")
         if group_size < 1:
@@ -908,7 +910,7 @@ class _HiFTMixin:
         self._groups = groups
         self._group_size = group_size if isinstance(model_or_groups, nn.Module) else None
         self._offload = None
-        self._schedule = GroupSchedule(len(groups), strategy, seed)
+        self._schedule = GroupSchedule(len(groups), strategy, seed, steps_per_group)
         param_groups = [{"params": list(g.params), "hift_group": i} for i, g in enumerate(groups)]
         super().__init__(param_groups, **base_kwargs)
         self._hift_init = False
@@ -1000,6 +1002,11 @@ class _HiFTMixin:
         return self._schedule.order
 
     @property
+    def steps_per_group(self) -> int:
+        """``K``: consecutive successful steps on a group before switching to the next."""
+        return self._schedule.steps_per_group
+
+    @property
     def hift_position(self) -> int:
         """Number of successful HiFT steps so far (skipped AMP steps do not count)."""
         return self._schedule.position
@@ -1065,8 +1072,13 @@ class _HiFTMixin:
         def apply(share, ps, gs, states, idx):
             self._call_kernel(group, share, ps, gs, states, idx, grad_scale, found_inf)
 
+        # With several steps per group, a group whose next step updates it again keeps its state on
+        # the device (one fetch per block, one write-back after its last step). K = 1 writes back
+        # after every step, as plain HiFT always did.
+        sched = self._schedule
+        keep = sched.steps_per_group > 1 and sched.next == g
         try:
-            off.update(g, params, calls, apply)
+            off.update(g, params, calls, apply, keep_resident=keep)
         except RuntimeError as exc:
             raise self._offload_error(g, exc) from exc
 
@@ -1075,11 +1087,13 @@ class _HiFTMixin:
             return exc
         return RuntimeError(f"{type(self).__name__}: HiFT group {g}: {exc}")
 
-    def _sync_state(self) -> None:
-        """Make self.state hold every group's true state (before state_dict / load_state_dict)."""
+    def _sync_state(self, flush: bool = True) -> None:
+        """Make self.state hold every group's true state (before state_dict / load_state_dict).
+        ``flush=False``: only wait for the copies in flight (a group kept on the device for its
+        block is not written back; enough for byte counts)."""
         if self._offload is not None:
             try:
-                self._offload.synchronize()  # the host views in self.state are now current
+                self._offload.synchronize(flush=flush)  # the host views in self.state are now current
             except RuntimeError as exc:
                 raise RuntimeError(f"{type(self).__name__}: {exc}") from exc
 
@@ -1128,11 +1142,13 @@ class _HiFTMixin:
 
     # ----------------------------------------------------------------------------- step
     def step(self, closure: Callable[[], Any] | None = None, *, grad_scale=None, found_inf=None):
-        """Update the active group, then switch to the next one.
+        """Update the active group, then switch to the next one (with ``steps_per_group = K > 1``:
+        after the group's K-th successful step; until then the same group stays active and its
+        gradients are dropped, as at a switch).
 
         An AMP overflow (``found_inf`` set, e.g. by torch.amp.GradScaler) changes nothing and the
-        same group is retried at the next step. Raises RuntimeError when the active group has no
-        gradients (backward was not called).
+        same group is retried at the next step (it does not count towards K). Raises RuntimeError
+        when the active group has no gradients (backward was not called).
         """
         loss = None
         if closure is not None:
@@ -1153,9 +1169,16 @@ class _HiFTMixin:
         with torch.no_grad():
             self._update_group(group, grad_scale, None)
         self._schedule.advance()
+        nxt = self._schedule.current
         if self._offload is not None:
-            self._offload.after_step(g, self._schedule.current)
-        self._activate(self._schedule.current)
+            self._offload.after_step(g, nxt)
+        if self._schedule.steps_per_group > 1 and nxt == g:
+            # The block goes on: requires_grad stays as it is (it flips only at a switch); the
+            # gradients just applied are dropped, so a step() without a new backward() still raises.
+            for p in group["params"]:
+                p.grad = None
+        else:
+            self._activate(nxt)
         return loss
 
     # ----------------------------------------------------------------------------- state
@@ -1171,6 +1194,7 @@ class _HiFTMixin:
             "num_groups": self.num_groups,
             "group_size": self._group_size,
             "strategy": self._schedule.strategy,
+            "steps_per_group": self._schedule.steps_per_group,
             "schedule": self._schedule.state_dict(),
             "shapes": self._fingerprint(),
         }
@@ -1204,6 +1228,14 @@ class _HiFTMixin:
                 f"(group_size={saved_gs}) but this optimizer has {self.num_groups} "
                 f"(group_size={self._group_size}); {fix}"
             )
+        saved_spg = hift.get("steps_per_group", 1)  # saved before it existed: one step per group
+        if saved_spg != self.steps_per_group:
+            raise ValueError(
+                f"{name}.load_state_dict: the state_dict was saved with steps_per_group={saved_spg!r} but "
+                f"this optimizer has steps_per_group={self.steps_per_group}; construct the optimizer with "
+                f"steps_per_group={saved_spg!r} to resume (the group of every step, and with it the "
+                "delayed LR, depends on it)"
+            )
         shapes = hift.get("shapes")
         mine = self._fingerprint()
         if shapes != mine:
@@ -1222,7 +1254,8 @@ class _HiFTMixin:
                 f"{name}.load_state_dict: the state_dict has "
                 f"{len(state_dict.get('param_groups', []))} param_groups, expected {self.num_groups}"
             )
-        probe = GroupSchedule(self.num_groups, self._schedule.strategy, self._schedule.seed)
+        probe = GroupSchedule(self.num_groups, self._schedule.strategy, self._schedule.seed,
+                              self._schedule.steps_per_group)
         probe.load_state_dict(hift["schedule"])  # raises with a fix (e.g. another strategy)
         return hift
 
@@ -1241,7 +1274,7 @@ class _HiFTMixin:
         self._activate(self._schedule.current)
 
     def memory_report(self) -> dict[str, Any]:
-        self._sync_state()
+        self._sync_state(flush=False)  # sizes only: a resident group need not be written back
         report = super().memory_report()
         engine_report = getattr(self._offload, "memory_report", None)
         if callable(engine_report):  # the offload engine adds pinned / host-store figures
@@ -1253,19 +1286,22 @@ class _HiFTMixin:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_groups={self.num_groups}, strategy="
-            f"{self._schedule.strategy!r}, position={self.hift_position}, "
-            f"active_group={self.active_group})"
+            f"{self._schedule.strategy!r}, steps_per_group={self.steps_per_group}, "
+            f"position={self.hift_position}, active_group={self.active_group})"
         )
 
 
 def _hift_doc(base: str) -> str:
     return (
         f"HiFT with {base}: ``({base.split('.')[-1]}-kwargs)`` plus ``model_or_groups, group_size=1, "
-        "strategy='down2up', seed=0, offload=None, offload_slots=2, offload_prefetch=True``. "
+        "strategy='down2up', seed=0, steps_per_group=1, offload=None, offload_slots=2, "
+        "offload_prefetch=True``. steps_per_group=K > 1 takes K consecutive successful steps on each "
+        "group before switching (block-coordinate HiFT; every group keeps its optimizer state, and with "
+        "offload the active group's state stays on the device for its whole block). "
         "offload (default: True when the parameters are on CUDA) keeps every group's optimizer state "
         "in host memory and streams only the active group's state to the device. One param_group per HiFT group (bottom to top, "
         "key 'hift_group'); each step() updates only the active group with the base optimizer's "
-        "math and that group's own step count, then switches to the next group."
+        "math and that group's own step count, then switches to the next group (after K steps)."
     )
 
 

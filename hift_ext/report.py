@@ -126,7 +126,8 @@ def human_time(s: float) -> str:
 def format_summary(cfg, m: Dict[str, Any]) -> str:
     """The table ``hift-ext finetune`` prints at the end of a run."""
     mode = "full fine-tuning" if m["mode"] == "full" else (
-        f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}")
+        f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}"
+        + (f", {m['steps_per_group']} steps per group" if (m.get("steps_per_group") or 1) > 1 else ""))
     rows = [
         ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"
                  + (f", {m['precision']}" if m.get("precision", "fp32") != "fp32" else "")),

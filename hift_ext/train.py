@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "TRAINING_KEYS",
     "RESUMED_RUN_KEYS",
+    "LEGACY_CONFIG",
     "resolve_model_path",
 ]
 
@@ -102,6 +103,9 @@ class TrainConfig:
     # 2e-4 averaged 86.09% (3 seeds).
     group_size: int = 4
     strategy: str = "up2down"
+    # consecutive optimizer steps on each group before switching (1: plain HiFT; K > 1: block-coordinate
+    # HiFT, and with offload a group's state crosses to the device once per K steps)
+    steps_per_group: int = 1
     epochs: int = 3
     lr: Optional[float] = None  # None: DEFAULT_LR[(mode, optimizer)]
     weight_decay: float = 0.01
@@ -111,7 +115,10 @@ class TrainConfig:
     max_length: int = 64
     max_grad_norm: float = 1.0  # 0 disables clipping
     scheduler: str = "linear"
-    warmup_ratio: float = 0.0  # transformers' default; with HiFT's delayed LR any warmup zeroes the whole first cycle
+    warmup_ratio: float = 0.0  # transformers' default (the delayed LR warms up from the first cycle on)
+    # how long the delayed LR is held (hift_ext.lr.HOLDS: "cycle" or "visit"); None: hift_ext.lr.DEFAULT_HOLD.
+    # No command-line flag: the benchmarks set it (bench_sst2.py) and a checkpoint records it.
+    lr_hold: Optional[str] = None
     seed: int = 0
     # fp32; bf16 / fp16: HiFT keeps the weights in that dtype and fp32 master copies in the optimizer
     # state; full fine-tuning (the baseline) keeps fp32 weights and autocasts. fp16 adds a GradScaler.
@@ -151,25 +158,33 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.mode, self.optimizer)
 
+    def resolved_lr_hold(self) -> str:
+        from hift_ext.lr import DEFAULT_HOLD
+
+        return self.lr_hold if self.lr_hold is not None else DEFAULT_HOLD
+
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mode"] = self.mode
         d["lr"] = self.resolved_lr()
+        d["lr_hold"] = self.resolved_lr_hold()  # recorded resolved: a resume keeps the run's own rule
         return d
 
     def validate(self) -> None:
         """UsageError for any value that cannot train: unknown choices, counts below 1, a seed torch
         refuses, and non-finite or out-of-range hyperparameters (the rules of :mod:`hift_ext.hparams`,
         shared with the transformers integration)."""
-        from hift_ext.lr import SCHEDULER_NAMES  # the API takes every schedule lr.py has; the CLI offers four
+        from hift_ext.lr import HOLDS, SCHEDULER_NAMES  # the API takes every schedule lr.py has; the CLI offers four
 
         for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULER_NAMES),
                               ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise UsageError(f"{flag(name)} {getattr(self, name)}: choose {', '.join(choices)}")
+        if self.lr_hold is not None and self.lr_hold not in HOLDS:
+            raise UsageError(f"lr_hold {self.lr_hold!r}: choose {', '.join(HOLDS)} (or None for the default)")
         try:
-            for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size", "logging_steps",
-                         "max_nonfinite_steps"):
+            for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size", "steps_per_group",
+                         "logging_steps", "max_nonfinite_steps"):
                 hparams.check_int(flag(name), getattr(self, name), low=1)
             for name in ("max_steps", "max_train_examples", "max_eval_examples", "save_steps", "stop_after",
                          "threads"):
@@ -183,15 +198,20 @@ class TrainConfig:
                                                           "warmup_ratio")})
         except hparams.HParamError as exc:
             raise UsageError(str(exc)) from None
+        if self.full and self.steps_per_group != 1:
+            raise UsageError(f"--steps-per-group {self.steps_per_group} applies to HiFT only (--full updates "
+                             "every parameter at every step); drop --full or --steps-per-group")
 
 
 # Keys a resumed run must share with the checkpoint (everything that changes the numbers).
 TRAINING_KEYS = (
-    "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "epochs", "lr",
-    "weight_decay", "momentum", "batch_size", "grad_accum", "max_length", "max_grad_norm",
-    "scheduler", "warmup_ratio", "seed", "precision", "max_steps", "max_train_examples",
+    "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "steps_per_group",
+    "epochs", "lr", "weight_decay", "momentum", "batch_size", "grad_accum", "max_length", "max_grad_norm",
+    "scheduler", "warmup_ratio", "lr_hold", "seed", "precision", "max_steps", "max_train_examples",
     "max_eval_examples",
 )
+# What a checkpoint written before a training key existed ran with (its config lacks the key).
+LEGACY_CONFIG = {"steps_per_group": 1, "lr_hold": "cycle", "precision": "fp32"}
 # Run control a resumed run keeps unless the command line sets it again.
 RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model")
 
@@ -329,6 +349,11 @@ def effective_group_size(model: torch.nn.Module, group_size: int) -> int:
     return min(group_size, len(grouping.model_units(model)))
 
 
+def with_legacy_keys(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's configuration with the training keys it predates filled in (LEGACY_CONFIG)."""
+    return {**LEGACY_CONFIG, **saved}
+
+
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     lr = cfg.resolved_lr()
     if cfg.optimizer == "adamw":
@@ -352,18 +377,19 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         offload = next(model.parameters()).device.type == "cuda"
         try:
             return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
-                       offload=offload, **kw)
+                       steps_per_group=cfg.steps_per_group, offload=offload, **kw)
         except NotImplementedError:  # an offload engine not available in this build
             offload = False
     return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
-               offload=offload, **kw)
+               steps_per_group=cfg.steps_per_group, offload=offload, **kw)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     from hift_ext.lr import get_scheduler
 
     warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
-    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         hold=cfg.resolved_lr_hold())
 
 
 def _state_slots(optimizer_name: str, momentum: float) -> int:
@@ -774,6 +800,8 @@ class _Training:
             "lr": cfg.resolved_lr(),
             "group_size": getattr(opt, "group_size", cfg.group_size) if not cfg.full else None,
             "strategy": cfg.strategy if not cfg.full else None,
+            "steps_per_group": getattr(opt, "steps_per_group", 1) if not cfg.full else None,
+            "lr_hold": getattr(self.scheduler, "hold", None),
             "num_groups": getattr(opt, "num_groups", 1),
             "device": str(device),
             "seed": cfg.seed,
@@ -841,7 +869,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         torch.set_num_threads(cfg.threads)
     ck = checkpoint if checkpoint is not None or cfg.resume is None else open_checkpoint(cfg.resume)
     if ck is not None:
-        diff = config_mismatch(ck.config, cfg.to_dict(), TRAINING_KEYS)
+        diff = config_mismatch(with_legacy_keys(ck.config), cfg.to_dict(), TRAINING_KEYS)
         if diff:
             raise UsageError(f"--resume {cfg.resume}: the checkpoint was written by another configuration:\n  "
                              + "\n  ".join(diff))

@@ -1,8 +1,9 @@
 """Worker of test_hift_resume.py (not a test module).
 
-    python _hift_resume_worker.py KIND STRATEGY CKPT OUT START STEPS [KIND STRATEGY ... (more jobs)]
+    python _hift_resume_worker.py JOB CKPT OUT START STEPS [JOB CKPT ... (more jobs)]
 
-for each job, builds a fresh model (other random init), HiFT optimizer and LR scheduler, loads CKPT (model +
+JOB is KIND,STRATEGY,STEPS_PER_GROUP,OFFLOAD(0/1),HOLD. For each job, builds a fresh model (other
+random init), HiFT optimizer and LR scheduler, loads CKPT (model +
 optimizer + scheduler), trains STEPS steps from step START and saves the parameters, optimizer state
 and LRs to OUT. test_hift_resume.py imports the same functions to make the uninterrupted run.
 """
@@ -23,14 +24,20 @@ KINDS = {
 TOTAL = 20
 
 
-def build(kind: str, strategy: str, init_seed: int):
+def parse_job(job: str):
+    kind, strategy, k, offload, hold = job.split(",")
+    return dict(kind=kind, strategy=strategy, steps_per_group=int(k), offload=offload == "1", hold=hold)
+
+
+def build(kind: str, strategy: str, init_seed: int, steps_per_group: int = 1, offload: bool = False,
+          hold: str = "cycle"):
     cls, kw = KINDS[kind]
     model = MLP(seed=init_seed)
-    opt = cls(model.groups(), strategy=strategy, seed=11, **kw)
+    opt = cls(model.groups(), strategy=strategy, seed=11, steps_per_group=steps_per_group, offload=offload, **kw)
     try:
         from hift_ext.lr import get_scheduler
 
-        sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=TOTAL)
+        sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=TOTAL, hold=hold)
     except ImportError:  # pragma: no cover - hift_ext.lr is part of the package
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / TOTAL)
     return model, opt, sched
@@ -59,14 +66,14 @@ def checkpoint(model, opt, sched):
 
 
 def main(argv):
-    if not argv or len(argv) % 6:
+    if not argv or len(argv) % 5:
         raise SystemExit(__doc__)
-    for i in range(0, len(argv), 6):
-        job(*argv[i:i + 6])
+    for i in range(0, len(argv), 5):
+        job(*argv[i:i + 5])
 
 
-def job(kind, strategy, ckpt, out, start, steps):
-    model, opt, sched = build(kind, strategy, init_seed=12345)  # the load must overwrite all
+def job(spec, ckpt, out, start, steps):
+    model, opt, sched = build(init_seed=12345, **parse_job(spec))  # the load must overwrite all
     ck = torch.load(ckpt, weights_only=True)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])

@@ -236,3 +236,74 @@ def test_default_model_smoke(tmp_path, capsys):
     assert rc == 0, err
     m = json.load(open(tmp_path / "m" / "metrics.json"))
     assert m["mode"] == "hift" and m["num_groups"] == 2 and m["group_size"] == 4 and m["steps"] == 2
+
+
+# ----------------------------------------------------------------------------- steps per group
+def test_steps_per_group_flag_help_and_bad_values(capsys):
+    from hift_ext.cli import build_parser
+
+    import re
+
+    text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
+    entries = re.findall(r"^  --steps-per-group K\b(.*?)(?=^  -)", text, re.M | re.S)
+    assert len(entries) == 1 and "[default: 1]" in " ".join(entries[0].split()), text
+    for bad in ("0", "-2", "1.5", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", "--steps-per-group", bad])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--steps-per-group" in err and "integer" in err
+
+
+def test_steps_per_group_config_rules():
+    from hift_ext.checkpoint import config_mismatch
+    from hift_ext.errors import UsageError
+    from hift_ext.train import TRAINING_KEYS, TrainConfig, with_legacy_keys
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(UsageError, match="--steps-per-group must be an integer"):
+            TrainConfig(steps_per_group=bad).validate()
+    with pytest.raises(UsageError, match="--steps-per-group 2 applies to HiFT only.*drop --full"):
+        TrainConfig(full=True, steps_per_group=2).validate()
+    with pytest.raises(UsageError, match="lr_hold 'epoch': choose cycle, visit"):
+        TrainConfig(lr_hold="epoch").validate()
+    assert "steps_per_group" in TRAINING_KEYS and "lr_hold" in TRAINING_KEYS
+    # a checkpoint written before these keys existed ran with one step per group, held per cycle
+    old = TrainConfig(lr_hold="cycle").to_dict()
+    del old["steps_per_group"], old["lr_hold"]
+    assert config_mismatch(with_legacy_keys(old), TrainConfig(lr_hold="cycle").to_dict(), TRAINING_KEYS) == []
+    diff = config_mismatch(with_legacy_keys(old), TrainConfig(steps_per_group=2, lr_hold="cycle").to_dict(),
+                           TRAINING_KEYS)
+    assert diff == ["steps_per_group: checkpoint 1 vs now 2"]
+
+
+@needs_kernels
+def test_steps_per_group_finetune_and_resume_mid_block(tiny_bert, small_data, tmp_path, capsys):
+    """--steps-per-group 3: the group changes every 3 steps (metrics.jsonl, metrics.json, config.json);
+    a run stopped in the middle of a block and resumed ends bitwise like the uninterrupted one; a
+    resume with another K is refused."""
+    common = ["--max-steps", "9", "--group-size", "1", "--steps-per-group", "3", "--lr", "1e-3",
+              "--logging-steps", "1", "--warmup-ratio", "0.2"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rc, stdout, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", a), capsys)
+    assert rc == 0, err
+    assert "3 steps per group" in stdout
+    m = json.load(open(os.path.join(a, "metrics.json")))
+    assert m["steps_per_group"] == 3 and m["lr_hold"] == "cycle" and m["num_groups"] == 4
+    cfg = json.load(open(os.path.join(a, "config.json")))
+    assert cfg["steps_per_group"] == 3 and cfg["lr_hold"] == "cycle"
+    train = [r for r in (json.loads(l) for l in open(os.path.join(a, "metrics.jsonl"))) if r["type"] == "train"]
+    assert [r["group"] for r in train] == [f"{3 - t // 3}/4" for t in range(9)]  # up2down, the default
+    assert all(r["lr"] > 0 for r in train)  # the warmup warms up: no step with lr 0
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", b, "--stop-after", "4"), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["finetune", "--resume", b, "--no-progress", "--steps-per-group", "2"], capsys)
+    assert rc == 2 and "another configuration" in err and "steps_per_group: checkpoint 3 vs now 2" in err
+    rc, _, err = run_cli(["finetune", "--resume", b, "--no-progress"], capsys)
+    assert rc == 0, err
+    wa, wb = load_model_pt(a), load_model_pt(b)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "elapsed_s")} for r in recs]
+    assert strip(json.loads(l) for l in open(os.path.join(a, "metrics.jsonl"))) == \
+        strip(json.loads(l) for l in open(os.path.join(b, "metrics.jsonl")))

@@ -459,3 +459,176 @@ def test_deepcopy_keeps_the_hift_state():
     assert clone.hift_position == 3 and clone.active_group == opt.active_group
     assert clone.num_groups == 4 and len(clone.groups) == 4
     assert clone.state_dict()["hift"] == opt.state_dict()["hift"]
+
+
+# ------------------------------------------------------------------------------ steps per group
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_steps_per_group_equivalent_to_separate_torch_optimizers(kind, strategy):
+    """steps_per_group=K: K consecutive steps on each group, every group keeping its own state and
+    step count; equals k separate optimizers stepped in the K-block schedule."""
+    hift_cls, fused_cls, torch_cls, kw = KINDS[kind]
+    K = 3
+    model = MLP()
+    ref_torch = copy.deepcopy(model)
+    ref_fused = copy.deepcopy(model)
+    opt = hift_cls(model.groups(), strategy=strategy, seed=3, steps_per_group=K, **kw)
+    assert opt.steps_per_group == K
+    k = opt.num_groups
+    steps = 2 * k * K + 2  # two cycles and two steps into the third (mid-block)
+    seen = hift_train(model, opt, steps)
+    sched = GroupSchedule(k, strategy, 3, steps_per_group=K)
+    assert seen == reference_train(ref_torch, lambda g: torch_cls(g, **kw), sched, steps) \
+        == reference_train(ref_fused, lambda g: fused_cls(g, **kw), sched, steps)
+    blocks = [seen[i:i + K] for i in range(0, steps, K)]
+    assert all(len(set(b)) == 1 for b in blocks)
+    one = GroupSchedule(k, strategy, 3)
+    assert [b[0] for b in blocks] == [one.group_at(i) for i in range(len(blocks))]
+    assert_params_equal(model.parameters(), ref_torch.parameters(), exact=False)
+    assert_params_equal(model.parameters(), ref_fused.parameters(), exact=True)
+    counts = {p: seen.count(i) for i, g in enumerate(model.groups()) for p in g}
+    for p, st in opt.state.items():
+        if "step" in st:
+            assert float(st["step"]) == counts[p]
+
+
+def test_steps_per_group_one_is_plain_hift_bitwise():
+    a, b = MLP(), MLP()
+    opt_a = FusedHiFTAdamW(a.groups(), strategy="random", seed=4)
+    opt_b = FusedHiFTAdamW(b.groups(), strategy="random", seed=4, steps_per_group=1)
+    assert hift_train(a, opt_a, 11) == hift_train(b, opt_b, 11)
+    assert_params_equal(a.parameters(), b.parameters(), exact=True)
+
+
+def test_steps_per_group_requires_grad_flips_only_at_a_switch(monkeypatch):
+    """Within a block nothing is frozen or thawed (requires_grad_ is not called); the gradients just
+    applied are dropped, so step() without a new backward raises in the middle of a block too."""
+    calls = []
+    orig = nn.Parameter.requires_grad_
+
+    def counting(self, flag=True):
+        calls.append(flag)
+        return orig(self, flag)
+
+    monkeypatch.setattr(nn.Parameter, "requires_grad_", counting, raising=False)
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups(), steps_per_group=3)
+    for t in range(9):
+        calls.clear()
+        hift_train(model, opt, 1, start=t)
+        assert bool(calls) == (t % 3 == 2), (t, calls)  # only the block's last step switches
+        check_invariants(opt)
+        if t % 3 != 2:
+            assert all(p.grad is None for p in model.groups()[opt.active_group])
+            with pytest.raises(RuntimeError, match="backward"):
+                opt.step()
+            assert opt.hift_position == t + 1
+
+
+def test_steps_per_group_gradient_accumulation_trains_the_same_group():
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt = FusedHiFTAdamW(model.groups(), strategy="random", lr=1e-2, steps_per_group=2)
+    opt_ref = FusedHiFTAdamW(ref.groups(), strategy="random", lr=1e-2, steps_per_group=2)
+    for t in range(12):
+        x, y = batch(t, n=8)
+        opt_ref.zero_grad()
+        loss_fn(ref, x, y).backward()
+        opt_ref.step()
+        opt.zero_grad()
+        active = opt.active_group
+        for xs, ys in zip(x.split(4), y.split(4)):
+            (loss_fn(model, xs, ys) / 2).backward()
+            assert opt.active_group == active
+            check_invariants(opt)
+        opt.step()  # one group per optimizer step, whatever the number of micro-batches
+        assert opt.hift_position == t + 1 and opt.active_group == opt_ref.active_group
+    assert_params_equal(model.parameters(), ref.parameters(), exact=False, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_steps_per_group_amp_skip_does_not_count(kind):
+    """An overflowing step changes nothing and does not count towards the block's K steps."""
+    hift_cls, _, _, kw = KINDS[kind]
+    K = 3
+    model = MLP()
+    opt = hift_cls(model.groups(), strategy="random", seed=1, steps_per_group=K, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    groups = []
+    for t in range(10):
+        opt.zero_grad()
+        x, y = batch(t)
+        scaler.scale(loss_fn(model, x, y)).backward()
+        overflow = t in (0, 2, 3)  # first visit, mid-block, and twice in a row
+        if overflow:
+            active, pos = opt.active_group, opt.hift_position
+            next(iter(model.groups()[active])).grad.view(-1)[0] = float("inf")
+            snap = _snapshot(model, opt)
+        else:
+            groups.append(opt.active_group)
+        scaler.step(opt)
+        scaler.update()
+        if overflow:
+            _assert_same_snapshot(snap, _snapshot(model, opt))
+            assert opt.active_group == active and opt.hift_position == pos
+            check_invariants(opt)
+    sched = GroupSchedule(opt.num_groups, "random", 1, steps_per_group=K)
+    assert opt.hift_position == 7 and groups == [sched.group_at(t) for t in range(7)]
+
+
+def test_steps_per_group_delayed_lr_holds():
+    lr_mod = pytest.importorskip("hift_ext.lr")
+    for hold in lr_mod.HOLDS:
+        model = MLP()
+        opt = FusedHiFTAdamW(model.groups(), lr=1e-2, steps_per_group=2)
+        k, K, total = opt.num_groups, 2, 24
+        sched = lr_mod.get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=total, hold=hold)
+        used = []
+        for t in range(total):
+            used.append(opt.param_groups[opt.active_group]["lr"])
+            hift_train(model, opt, 1, start=t, check=False)
+            sched.step()
+        H = k * K if hold == "cycle" else K
+        assert used == pytest.approx([1e-2 * (1 - H * (t // H) / total) for t in range(total)], rel=1e-12)
+
+
+def test_steps_per_group_state_dict_round_trip_and_mismatch():
+    model = MLP()
+    opt = FusedHiFTAdamW(model.groups(), strategy="up2down", steps_per_group=3)
+    hift_train(model, opt, 5)  # mid-block
+    sd = opt.state_dict()
+    assert sd["hift"]["steps_per_group"] == 3 and sd["hift"]["schedule"]["steps_per_group"] == 3
+    assert "steps_per_group=3" in repr(opt)
+    model2 = MLP(seed=1)
+    model2.load_state_dict(model.state_dict())
+    opt2 = FusedHiFTAdamW(model2.groups(), strategy="up2down", steps_per_group=3)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    assert opt2.active_group == opt.active_group and opt2.schedule.step_in_block == 2
+    check_invariants(opt2)
+    hift_train(model, opt, 7, start=5)
+    hift_train(model2, opt2, 7, start=5)
+    assert_params_equal(model.parameters(), model2.parameters(), exact=True)
+    wrong = FusedHiFTAdamW(MLP().groups(), strategy="up2down")
+    before = copy.deepcopy(wrong.state_dict())
+    with pytest.raises(ValueError, match=r"saved with steps_per_group=3 but this optimizer has "
+                                         r"steps_per_group=1; construct the optimizer with steps_per_group=3"):
+        wrong.load_state_dict(sd)
+    assert wrong.state_dict()["hift"] == before["hift"]
+    # a state_dict saved before steps_per_group existed was made with one step per group
+    old_model = MLP()
+    old = FusedHiFTAdamW(old_model.groups())
+    hift_train(old_model, old, 2)
+    old_sd = old.state_dict()
+    del old_sd["hift"]["steps_per_group"], old_sd["hift"]["schedule"]["steps_per_group"]
+    FusedHiFTAdamW(MLP().groups()).load_state_dict(copy.deepcopy(old_sd))
+    with pytest.raises(ValueError, match="steps_per_group=1 but this optimizer has steps_per_group=2"):
+        FusedHiFTAdamW(MLP().groups(), steps_per_group=2).load_state_dict(old_sd)
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError),
+                                     ("3", TypeError)])
+def test_bad_steps_per_group(bad, exc):
+    model = MLP()
+    with pytest.raises(exc, match=r"FusedHiFTSGD: steps_per_group must be .*>= 1.*steps_per_group=1"):
+        FusedHiFTSGD(model.groups(), lr=0.1, steps_per_group=bad)
+    assert all(p.requires_grad for p in model.parameters())  # a refused construction froze nothing

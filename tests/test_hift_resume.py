@@ -19,22 +19,30 @@ pytestmark = needs_kernels
 ROOT = Path(__file__).resolve().parents[1]
 
 
-RESUME_JOBS = [("adamw", "random"), ("adagrad", "up2down"), ("sgd", "down2up")]
+# KIND,STRATEGY,STEPS_PER_GROUP,OFFLOAD,HOLD: with steps_per_group=3 step 7 is in the middle of a
+# block (its second step), with offload the active group's state is on the device when saved.
+RESUME_JOBS = ["adamw,random,1,0,cycle", "adagrad,up2down,1,0,cycle", "sgd,down2up,1,0,cycle",
+               "adamw,random,3,1,cycle", "sgd,up2down,3,1,visit", "adagrad,down2up,3,0,visit"]
 
 
 def test_bitwise_resume_in_a_new_process(tmp_path):
-    """For each optimizer: train 7 steps (mid-cycle), save model + optimizer + scheduler, continue 9
-    steps here; a new python process loads the checkpoint into fresh objects (other random init)
-    and runs the same 9 steps: parameters, optimizer state and LRs are bitwise equal."""
+    """For each optimizer: train 7 steps (mid-cycle; with steps_per_group=3 mid-block, with offload
+    the block's group resident), save model + optimizer + scheduler, continue 9 steps here; a new
+    python process loads the checkpoint into fresh objects (other random init) and runs the same 9
+    steps: parameters, optimizer state and LRs are bitwise equal."""
     args, expected = [], {}
-    for kind, strategy in RESUME_JOBS:
-        model, opt, sched = worker.build(kind, strategy, init_seed=0)
+    for i, spec in enumerate(RESUME_JOBS):
+        model, opt, sched = worker.build(init_seed=0, **worker.parse_job(spec))
         worker.train(model, opt, sched, 0, 7)
-        ckpt = tmp_path / f"{kind}.ckpt.pt"
+        if opt.steps_per_group > 1:
+            assert opt.schedule.step_in_block == 1
+            if opt.offload_engine is not None:
+                assert opt.offload_engine.residency(opt.active_group) == "device"
+        ckpt = tmp_path / f"{i}.ckpt.pt"
         torch.save(worker.checkpoint(model, opt, sched), ckpt)
         worker.train(model, opt, sched, 7, 9)
-        expected[kind] = worker.result(model, opt)
-        args += [kind, strategy, str(ckpt), str(tmp_path / f"{kind}.out.pt"), "7", "9"]
+        expected[spec] = worker.result(model, opt)
+        args += [spec, str(ckpt), str(tmp_path / f"{i}.out.pt"), "7", "9"]
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -44,9 +52,9 @@ def test_bitwise_resume_in_a_new_process(tmp_path):
         [sys.executable, worker.__file__, *args], env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for kind, _ in RESUME_JOBS:
+    for i, kind in enumerate(RESUME_JOBS):
         exp = expected[kind]
-        got = torch.load(tmp_path / f"{kind}.out.pt", weights_only=True)
+        got = torch.load(tmp_path / f"{i}.out.pt", weights_only=True)
         assert got["active"] == exp["active"], kind
         assert got["lrs"] == exp["lrs"], kind
         for i, (a, b) in enumerate(zip(exp["params"], got["params"])):

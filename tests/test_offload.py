@@ -378,6 +378,154 @@ def test_offloaded_training_bitwise_identical(opt_name, strategy):
         assert rep["num_groups"] == off.num_groups
 
 
+@pytest.mark.parametrize("strategy", ["down2up", "random"])
+@pytest.mark.parametrize("steps_per_group", [1, 3])
+@pytest.mark.parametrize("opt_name", ["adamw", "adamw_amsgrad", "adagrad", "sgd"])
+def test_offloaded_training_bitwise_identical_steps_per_group(opt_name, steps_per_group, strategy):
+    """steps_per_group=K with offload (the active group kept on the device for its block) ==
+    offload=False, bit for bit, with state_dict() taken mid-block along the way."""
+    cls, kw = _hift_classes()[opt_name]
+    K = steps_per_group
+    ref_model = _uneven_model()
+    model = _clone_model(ref_model)
+    ref = cls(_groups_of(ref_model), strategy=strategy, seed=3, steps_per_group=K, offload=False, **kw)
+    off = cls(_groups_of(model), strategy=strategy, seed=3, steps_per_group=K, offload=True, **kw)
+    batches = _batches(2 * ref.num_groups * K + 2)  # two cycles, ending mid-block
+    for t in range(len(batches)):
+        _train(ref_model, ref, batches[t:t + 1])
+        _train(model, off, batches[t:t + 1])
+        if t % 4 == 1:
+            _assert_state_equal(ref.state_dict(), off.state_dict())  # the resident group flushed
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    _assert_state_equal(ref.state_dict(), off.state_dict())
+    st = off.offload_engine.stats()
+    assert st["violations"] == 0 and st["overflow_allocs"] == 0
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_steps_per_group_one_fetch_and_one_write_back_per_block(prefetch):
+    """K = 3: a group's state crosses once in at the block's first step and once out after its last
+    step (engine stats); between the steps of a block it stays on the device; the next group is
+    prefetched only after the block's last step. K = 1: once in and once out at every step."""
+    cls, kw = _hift_classes()["adamw"]
+    for K in (1, 3):
+        model = _uneven_model()
+        opt = cls(_groups_of(model), steps_per_group=K, offload=True, offload_prefetch=prefetch, **kw)
+        eng = opt.offload_engine
+        k = opt.num_groups
+        batches = _batches(2 * k * K)
+        blocks = []
+        for t in range(2 * k * K):
+            g = opt.active_group
+            before = eng.stats()
+            _train(model, opt, batches[t:t + 1])
+            after = eng.stats()
+            d_h2d, d_d2h = (after[c] - before[c] for c in ("h2d_copies", "d2h_copies"))
+            last = t % K == K - 1
+            if t % K == 0:
+                blocks.append(g)
+            # an h2d copy: the block's own fetch at its first step (first cycle: no prefetch, the
+            # state is created by that step), or the next group's prefetch after the block's last
+            fetch_here = (t % K == 0) and (not prefetch or t < k * K)
+            prefetch_next = prefetch and last and t + 1 >= k * K  # the next group has state by then
+            assert d_h2d == int(fetch_here) + int(prefetch_next), (K, t, d_h2d)
+            assert d_d2h == int(last), (K, t, d_d2h)
+            if not last:
+                assert eng.residency(g) == "device", (K, t)  # kept for the rest of its block
+            else:
+                assert eng.residency(g) != "device", (K, t)
+        st = eng.stats()
+        sizes = {g: eng.group_bytes(g) for g in range(k)}
+        assert st["d2h_copies"] == len(blocks) == 2 * k
+        assert st["d2h_bytes"] == sum(sizes[g] for g in blocks)
+        assert st["h2d_copies"] == len(blocks) + int(prefetch)  # + the prefetch of the next cycle's first
+        assert st["h2d_bytes"] == sum(sizes[g] for g in blocks) + (sizes[0] if prefetch else 0)
+        assert st["violations"] == 0
+
+
+def test_steps_per_group_state_dict_load_and_deepcopy_while_resident():
+    """Mid-block (the active group on the device, its host views stale): state_dict() is the true
+    state and the group stays resident; load_state_dict replaces it (also the resident copy); a
+    deep copy trains on like the original."""
+    import copy
+
+    cls, kw = _hift_classes()["adamw"]
+    K = 3
+    ref_model = _uneven_model(5)
+    model = _clone_model(ref_model)
+    ref = cls(_groups_of(ref_model), strategy="random", seed=2, steps_per_group=K, offload=False, **kw)
+    off = cls(_groups_of(model), strategy="random", seed=2, steps_per_group=K, offload=True, **kw)
+    eng = off.offload_engine
+    batches = _batches(4 * K + 6, seed=5)
+    _train(ref_model, ref, batches[:4])
+    _train(model, off, batches[:4])  # block 1, one step done: resident
+    g = off.active_group
+    assert eng.residency(g) == "device" and off.schedule.step_in_block == 1
+    saved_ref, saved_off = copy.deepcopy(ref.state_dict()), copy.deepcopy(off.state_dict())
+    _assert_state_equal(saved_ref, saved_off)
+    assert eng.residency(g) == "device"  # flushed, still resident
+    saved_params = [p.detach().clone() for p in model.parameters()]
+    # a deep copy mid-block: its own engine, the same training
+    twins = copy.deepcopy({"m": model, "o": off})
+    _train(model, off, batches[4:9])
+    _train(twins["m"], twins["o"], batches[4:9])
+    _train(ref_model, ref, batches[4:9])
+    for a, b, c in zip(ref_model.parameters(), model.parameters(), twins["m"].parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    _assert_state_equal(ref.state_dict(), twins["o"].state_dict())
+    # load the mid-block checkpoint while another group is resident, and continue
+    assert off.active_group != g or off.schedule.step_in_block != 1
+    for o, m in ((off, model), (ref, ref_model)):
+        o.load_state_dict(copy.deepcopy(saved_ref))
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), saved_params):
+                p.copy_(q)
+    assert off.active_group == g
+    _train(model, off, batches[4:5])  # g is resident again
+    _train(ref_model, ref, batches[4:5])
+    # load while the loaded group itself is resident: engine.load_host replaces its device copy
+    assert eng.residency(g) == "device"
+    for o, m in ((off, model), (ref, ref_model)):
+        o.load_state_dict(copy.deepcopy(saved_off))
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), saved_params):
+                p.copy_(q)
+    assert eng.residency(g) == "device"
+    _train(model, off, batches[4:])
+    _train(ref_model, ref, batches[4:])
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    _assert_state_equal(ref.state_dict(), off.state_dict())
+    assert eng.stats()["violations"] == 0
+
+
+def test_load_state_dict_of_a_run_that_never_visited_some_groups():
+    """A checkpoint saved before every group was visited (those groups have no state) loads into an
+    optimizer whose engine holds state for them: they leave the engine, are not prefetched, and get
+    fresh state at their first step, like in the run that saved it."""
+    import copy
+
+    cls, kw = _hift_classes()["adamw"]
+    src_model = _uneven_model(6)
+    src = cls(_groups_of(src_model), offload=False, **kw)
+    batches = _batches(3 * src.num_groups, seed=6)
+    _train(src_model, src, batches[:2])
+    sd = copy.deepcopy(src.state_dict())
+    model = _clone_model(src_model)
+    off = cls(_groups_of(model), offload=True, **kw)
+    _train(model, off, batches[:off.num_groups + 1])  # every group has state here
+    off.load_state_dict(sd)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), src_model.parameters()):
+            p.copy_(q)
+    _train(src_model, src, batches[2:])
+    _train(model, off, batches[2:])
+    for a, b in zip(src_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    _assert_state_equal(src.state_dict(), off.state_dict())
+
+
 def test_state_dict_mid_flight_is_true_state():
     from hift_ext.offload import OffloadEngine
 
@@ -487,6 +635,31 @@ def test_offload_default_on_cuda_bitwise(tuning):
         assert torch.equal(a, b)
     _assert_state_equal(ref.state_dict(), off.state_dict())
     assert off.memory_report()["pinned_bytes"] > 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("budget", [None, 8 << 10], ids=["one-piece", "streamed"])
+def test_steps_per_group_on_cuda_bitwise(budget):
+    """CUDA, steps_per_group=3: the block's group kept in the device arena between its steps (or, for
+    a group larger than half the budget, streamed at every step) == resident, bitwise; state_dict
+    mid-block is the true state."""
+    cls, kw = _hift_classes()["adamw"]
+    ref_model = _uneven_model().cuda()
+    off_model = _clone_model(ref_model)
+    ref = cls(_groups_of(ref_model), steps_per_group=3, offload=False, **kw)
+    off = cls(_groups_of(off_model), steps_per_group=3, offload_device_bytes=budget, **kw)
+    assert off.offload_engine is not None
+    batches = [(x.cuda(), y.cuda()) for x, y in _batches(2 * 3 * ref.num_groups + 2)]
+    for t in range(len(batches)):
+        _train(ref_model, ref, batches[t:t + 1])
+        _train(off_model, off, batches[t:t + 1])
+        if t % 5 == 4:
+            _assert_state_equal(ref.state_dict(), off.state_dict())
+    for a, b in zip(ref_model.parameters(), off_model.parameters()):
+        assert torch.equal(a, b)
+    _assert_state_equal(ref.state_dict(), off.state_dict())
+    st = off.offload_engine.stats()
+    assert st["violations"] == 0 and st["overflow_allocs"] == 0
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing

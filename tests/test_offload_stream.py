@@ -267,6 +267,40 @@ def test_streamed_update_equals_resident(name, strategy, budget):
         assert rep["device_budget_bytes"] <= 2 * rep["largest_group_bytes"] + 1024
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_streamed_group_streams_every_step_with_steps_per_group(name):
+    """steps_per_group=3 with a budget smaller than the big groups: a group of one piece stays on the
+    device for its block (one fetch, one write-back), a group streamed in pieces still streams at
+    every step of its block; training is bitwise the resident run's."""
+    cls, kw = _hift(name)
+    K = 3
+    ref_model = _model()
+    model = _clone(ref_model)
+    ref = cls(_groups(ref_model), steps_per_group=K, offload=False, **kw)
+    opt = cls(_groups(model), steps_per_group=K, offload=True, offload_device_bytes=8 << 10,
+              offload_prefetch=False, **kw)
+    eng = opt.offload_engine
+    k = opt.num_groups
+    batches = _batches(2 * k * K)
+    _train(ref_model, ref, batches[:k * K])
+    _train(model, opt, batches[:k * K])  # first cycle: every group gets its state
+    pieces = opt.memory_report()["pieces_per_group"]
+    assert 1 in pieces and max(pieces) > 1
+    for b in range(k):
+        g = opt.active_group
+        before = eng.stats()
+        _train(model, opt, batches[k * K + b * K:k * K + (b + 1) * K])
+        after = eng.stats()
+        moved = 1 if pieces[g] == 1 else K * pieces[g]
+        assert after["h2d_copies"] - before["h2d_copies"] == moved, (g, pieces[g])
+        assert after["d2h_copies"] - before["d2h_copies"] == moved, (g, pieces[g])
+    _train(ref_model, ref, batches[k * K:])
+    _assert_same_training(ref_model, ref, model, opt)
+    rep, st = opt.memory_report(), eng.stats()
+    assert rep["device_bytes"] == rep["device_budget_bytes"] <= 8 << 10
+    assert st["overflow_allocs"] == 0 and st["violations"] == 0
+
+
 def test_budget_errors():
     cls, kw = _hift("adamw")
     with pytest.raises(ValueError, match="too small.*pass at least"):

@@ -76,7 +76,7 @@ def test_state_dict_resume(strategy):
     run(s, 13)
     sd = s.state_dict()
     sd = pickle.loads(pickle.dumps(sd))
-    assert sd == {"num_groups": 5, "strategy": strategy, "seed": 42, "position": 13}
+    assert sd == {"num_groups": 5, "strategy": strategy, "seed": 42, "steps_per_group": 1, "position": 13}
     r = GroupSchedule(5, strategy)  # seed comes from the state
     r.load_state_dict(sd)
     assert r.position == 13 and r.seed == 42
@@ -108,3 +108,59 @@ def test_load_mismatch_refused():
     with pytest.raises(ValueError, match="position"):
         s.load_state_dict(bad)
     assert s.position == 0
+
+
+# ------------------------------------------------------------------------ several steps per group
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_steps_per_group_repeats_each_group_K_times(strategy, K):
+    """With steps_per_group=K every group of the K=1 order is updated K times in a row; a cycle is
+    k * K steps and "random" draws the same permutation per cycle (a pure function of (seed, cycle))."""
+    k = 4
+    one = run(GroupSchedule(k, strategy, seed=5), 6 * k)
+    s = GroupSchedule(k, strategy, seed=5, steps_per_group=K)
+    assert s.cycle_length == k * K
+    seq = []
+    for t in range(6 * k * K):
+        assert s.position == t and s.block == t // K and s.step_in_block == t % K and s.cycle == t // (k * K)
+        assert s.current == s.group_at(t) == s.order[(t // K) % k]
+        assert s.next == s.group_at(t + 1)
+        seq.append(s.current)
+        s.advance()
+    assert seq == [g for g in one for _ in range(K)]
+    fresh = GroupSchedule(k, strategy, seed=5, steps_per_group=K)
+    assert [fresh.order_of_cycle(c) for c in range(6)] == [GroupSchedule(k, strategy, seed=5).order_of_cycle(c)
+                                                          for c in range(6)]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_steps_per_group_state_dict_resumes_mid_block(strategy):
+    s = GroupSchedule(3, strategy, seed=9, steps_per_group=4)
+    run(s, 13)  # block 3, step 1 of 4
+    sd = pickle.loads(pickle.dumps(s.state_dict()))
+    assert sd["steps_per_group"] == 4 and sd["position"] == 13
+    r = GroupSchedule(3, strategy, steps_per_group=4)
+    r.load_state_dict(sd)
+    assert r.step_in_block == 1 and r.current == s.current
+    assert run(r, 30) == run(s, 30)
+
+
+def test_steps_per_group_mismatch_refused_with_the_fix():
+    sd = GroupSchedule(3, steps_per_group=4).state_dict()
+    s = GroupSchedule(3)
+    with pytest.raises(ValueError, match="steps_per_group=4 but this schedule has steps_per_group=1; "
+                                         "construct the optimizer with steps_per_group=4"):
+        s.load_state_dict(sd)
+    assert s.position == 0
+    old = GroupSchedule(3).state_dict()
+    del old["steps_per_group"]  # saved before steps_per_group existed: one step per group
+    GroupSchedule(3).load_state_dict(old)
+    with pytest.raises(ValueError, match="steps_per_group=1 but this schedule has steps_per_group=2"):
+        GroupSchedule(3, steps_per_group=2).load_state_dict(old)
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError),
+                                     ("2", TypeError), (None, TypeError)])
+def test_bad_steps_per_group(bad, exc):
+    with pytest.raises(exc, match="steps_per_group must be .*>= 1.*steps_per_group=1"):
+        GroupSchedule(3, steps_per_group=bad)

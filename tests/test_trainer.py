@@ -63,14 +63,14 @@ def make_args(out, **kw):
     return TrainingArguments(**base)
 
 
-def build(model_fn, data, out, optimizer="adamw", callbacks=(), **kw):
+def build(model_fn, data, out, optimizer="adamw", callbacks=(), hift_kw=None, **kw):
     from hift_ext.integrations.transformers import (HiFTCallback, create_hift_optimizer_and_scheduler,
                                                     num_training_steps)
 
     model = model_fn()
     args = make_args(out, **kw)
     steps = num_training_steps(args, len(data))
-    opt, sched = create_hift_optimizer_and_scheduler(model, args, steps, optimizer=optimizer)
+    opt, sched = create_hift_optimizer_and_scheduler(model, args, steps, optimizer=optimizer, **(hift_kw or {}))
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched),
                       callbacks=[HiFTCallback(), *callbacks])
     return model, opt, sched, trainer, steps
@@ -107,41 +107,80 @@ def test_bert_delayed_lr_groups_and_accumulation(tmp_path):
     assert opt.hift_position == 6  # one optimizer step per accumulation, each a HiFT step
     logs = rec.logs
     assert len(logs) == 6
-    # delayed linear schedule with 2 warmup steps on the horizon of 6 steps: lr(t) = f(k * (t // k))
+    # delayed linear schedule with 2 warmup steps on the horizon of 6 steps, held per cycle of k >= 4
+    # steps: the first cycle starts within the warmup, so it takes the warmup's end, f(2) = 1 (it used
+    # to take f(0) = 0: a wasted cycle); later cycles f(k * (t // k))
     def f(s):
         return s / 2 if s < 2 else max(0.0, (6 - s) / (6 - 2))
+
+    def held(t):
+        return k * (t // k) if k * (t // k) >= 2 else min(k * (t // k) + k - 1, 2)
     for t, rec in enumerate(logs):
-        assert rec["learning_rate"] == pytest.approx(1e-2 * f(k * (t // k)), rel=1e-6)
+        assert rec["learning_rate"] == pytest.approx(1e-2 * f(held(t)), rel=1e-6)
+    assert all(rec["learning_rate"] > 0 for rec in logs[:k])
     # HiFTCallback: the group the next step updates, after step t (0-based) that is (t + 1) % k
     assert [l["hift_group"] for l in logs] == [(t + 1) % k for t in range(6)]
     assert [l["hift_position"] for l in logs] == list(range(1, 7))
     after = snapshot(model)
     changed = [g.index for g in opt.groups
                if any(not torch.equal(before[n], after[n]) for n in g.param_names if n in before)]
-    # step t updated group t % k; with the delayed warmup the whole first cycle has lr 0
-    assert set(changed) == {t % k for t in range(6) if f(k * (t // k)) > 0}
+    # step t updated group t % k, every one with lr > 0
+    assert set(changed) == {t % k for t in range(6) if f(held(t)) > 0} == set(range(min(k, 6)))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,steps_per_group", [("adamw", 1), ("sgd", 1), ("adamw", 3)])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, optimizer, steps_per_group):
     data = RandomData(40, 8, 100, "cls", seed=1)
     kw = dict(save_strategy="steps", save_steps=4, num_train_epochs=2, gradient_accumulation_steps=1,
-              warmup_steps=0.1)
+              warmup_steps=0.1, hift_kw={"steps_per_group": steps_per_group})
     model_a, opt_a, _, trainer_a, steps = build(tiny_bert, data, tmp_path / "a", optimizer=optimizer, **kw)
     assert steps == 20
     trainer_a.train()
     final_a = snapshot(model_a)
-    ckpt = tmp_path / "a" / "checkpoint-8"  # mid-epoch 1 (10 steps per epoch), mid-cycle
+    ckpt = tmp_path / "a" / "checkpoint-8"  # mid-epoch 1 (10 steps per epoch), mid-cycle (K = 3: mid-block)
     assert (ckpt / "optimizer.pt").exists() and (ckpt / "scheduler.pt").exists()
     # the optimizer state round-trips through Trainer's safe loader
     sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert sd["hift"]["schedule"]["position"] == 8
+    assert sd["hift"]["steps_per_group"] == steps_per_group
     model_b, opt_b, _, trainer_b, _ = build(tiny_bert, data, tmp_path / "b", optimizer=optimizer, **kw)
     trainer_b.train(resume_from_checkpoint=str(ckpt))
     assert opt_b.hift_position == opt_a.hift_position == 20
     final_b = snapshot(model_b)
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("hold", ["cycle", "visit"])
+def test_steps_per_group_with_accumulation_and_hold(tmp_path, hold):
+    """create_hift_optimizer_and_scheduler(..., steps_per_group=2): two optimizer steps per group
+    (each of two micro-batches), the LR held per cycle of k * 2 or per visit of 2 steps, warming up
+    from the first step on."""
+    data = RandomData(48, 8, 100, "cls")
+    rec = Recorder()
+    model, opt, sched, trainer, steps = build(tiny_bert, data, tmp_path, gradient_accumulation_steps=2,
+                                              callbacks=[rec], hift_kw={"steps_per_group": 2, "lr_hold": hold})
+    assert steps == 6 and opt.steps_per_group == 2 and sched.hold == hold
+    k = opt.num_groups
+    before = snapshot(model)
+    trainer.train()
+    assert opt.hift_position == 6
+    logs = rec.logs
+    assert [l["hift_group"] for l in logs] == [opt.schedule.group_at(t + 1) for t in range(6)] == \
+        [0, 1, 1, 2, 2, 3]
+    assert all(l["hift_steps_per_group"] == 2 for l in logs)
+
+    def f(s):
+        return s / 2 if s < 2 else max(0.0, (6 - s) / (6 - 2))
+    H = 2 * k if hold == "cycle" else 2
+    for t, r in enumerate(logs):
+        a = H * (t // H)
+        assert r["learning_rate"] == pytest.approx(1e-2 * f(a if a >= 2 else min(a + H - 1, 2)), rel=1e-6)
+        assert r["learning_rate"] > 0
+    after = snapshot(model)
+    changed = {g.index for g in opt.groups
+               if any(not torch.equal(before[n], after[n]) for n in g.param_names if n in before)}
+    assert changed == {0, 1, 2}
 
 
 def test_llama_causal_lm_bf16(tmp_path):
@@ -177,6 +216,13 @@ def test_options_and_errors(tmp_path):
     assert type(opt).__name__ == "FusedHiFTAdaGrad"
     with pytest.raises(ValueError, match="unknown HiFT optimizer"):
         create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="lion")
+    for bad, exc in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match=r"steps_per_group must be .*>= 1.*steps_per_group=1"):
+            create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, steps_per_group=bad)
+    m = tiny_bert()
+    with pytest.raises(ValueError, match="hold must be one of 'cycle', 'visit'"):
+        create_hift_optimizer_and_scheduler(m, args, 10, lr_hold="epoch")
+    assert all(p.requires_grad for p in m.parameters())  # refused before the optimizer froze anything
 
 
 @pytest.mark.parametrize("kw,name", [

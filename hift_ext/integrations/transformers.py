@@ -16,11 +16,14 @@
 What comes from ``TrainingArguments``: ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and
 ``adam_epsilon`` (AdamW), ``lr_scheduler_type``, ``lr_scheduler_kwargs`` and the warmup
 (``args.get_warmup_steps``), all through the *delayed* schedule of :mod:`hift_ext.lr` (the LR is
-constant within a cycle of k steps, on the run's own horizon), and ``seed`` (the ``random`` strategy).
+held within a cycle of k * K steps, or a visit of K steps with ``lr_hold="visit"``, on the run's own
+horizon; a warmup warms up from the first cycle on), and ``seed`` (the ``random`` strategy).
+``steps_per_group=K`` takes K consecutive optimizer steps on each group before switching.
 The rest needs nothing from us, because the HiFT optimizer keeps the contracts Trainer relies on:
 
-* ``gradient_accumulation_steps``: ``requires_grad`` flips only in ``step()``, so every micro-batch
-  of an accumulation trains the same group;
+* ``gradient_accumulation_steps``: ``requires_grad`` flips only in ``step()`` (at a switch), so every
+  micro-batch of an accumulation trains the same group, and every optimizer step (not micro-batch)
+  counts towards ``steps_per_group``;
 * ``max_grad_norm``: Trainer clips the gradients that exist, i.e. the active group's;
 * ``fp16`` / ``bf16``: the optimizer supports GradScaler's ``grad_scale``/``found_inf``; an overflow
   step changes nothing, and neither the group schedule nor the LR advances (the group is retried);
@@ -75,6 +78,8 @@ def create_hift_optimizer_and_scheduler(
     strategy: str = "down2up",
     seed: Optional[int] = None,
     offload: bool = False,
+    steps_per_group: int = 1,
+    lr_hold: Optional[str] = None,
     **optimizer_kwargs: Any,
 ) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """(HiFT optimizer, delayed LR scheduler) for ``Trainer(..., optimizers=...)``.
@@ -88,10 +93,14 @@ def create_hift_optimizer_and_scheduler(
         strategy: ``"down2up"``, ``"up2down"`` or ``"random"``.
         seed: seed of the ``random`` strategy (default ``args.seed``).
         offload: keep inactive groups' optimizer state in host memory (GPU training).
+        steps_per_group: K, consecutive optimizer steps on each group before switching (1: HiFT
+            as in the paper; an AMP-skipped step does not count).
+        lr_hold: how long the delayed LR is held: ``"cycle"`` (k * K steps), ``"visit"`` (K steps)
+            or None (:data:`hift_ext.lr.DEFAULT_HOLD`).
         **optimizer_kwargs: override/extend the base optimizer's arguments (e.g. ``momentum=0.9``
             for SGD, ``amsgrad=True``).
     """
-    from hift_ext.lr import get_scheduler
+    from hift_ext.lr import check_hold, get_scheduler
 
     cls = _optimizer_class(optimizer)
     kw: dict = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
@@ -101,11 +110,12 @@ def create_hift_optimizer_and_scheduler(
         kw.setdefault("momentum", 0.9)
     kw.update(optimizer_kwargs)
     _check_hparams(kw, args, optimizer_kwargs)
+    check_hold(lr_hold)  # before the optimizer freezes anything
     opt = cls(model, group_size=group_size, strategy=strategy,
-              seed=args.seed if seed is None else seed, offload=offload, **kw)
+              seed=args.seed if seed is None else seed, steps_per_group=steps_per_group, offload=offload, **kw)
     name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     sched = get_scheduler(name, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),
-                          num_training_steps=num_training_steps, **(args.lr_scheduler_kwargs or {}))
+                          num_training_steps=num_training_steps, hold=lr_hold, **(args.lr_scheduler_kwargs or {}))
     return opt, sched
 
 
@@ -143,7 +153,8 @@ except ImportError:  # pragma: no cover - transformers is optional for the rest 
 
 class HiFTCallback(_TrainerCallback):
     """Adds the HiFT group to Trainer's logs (``hift_group`` = the group the next step updates,
-    ``hift_num_groups``, ``hift_position``). Optional: training is correct without it."""
+    ``hift_num_groups``, ``hift_position``; ``hift_steps_per_group`` when it is not 1). Optional:
+    training is correct without it."""
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = _unwrap(optimizer)
@@ -151,4 +162,6 @@ class HiFTCallback(_TrainerCallback):
             logs["hift_group"] = int(opt.active_group)
             logs["hift_num_groups"] = int(opt.num_groups)
             logs["hift_position"] = int(opt.hift_position)
+            if getattr(opt, "steps_per_group", 1) != 1:
+                logs["hift_steps_per_group"] = int(opt.steps_per_group)
         return control
