@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_memory import CONFIGS, build_model  # noqa: E402
+from bench_memory import CONFIGS, DTYPES, build_model  # noqa: E402
 
 
 def _time_cycles(model, opt, ids, cycles: int, device) -> tuple[list[float], list[float]]:
@@ -87,9 +87,31 @@ def _profile_cycle(model, opt, ids, device, top: int = 15) -> list[dict]:
             for e in rows]
 
 
+def pinned_bandwidth(device, nbytes: int = 256 << 20, reps: int = 5) -> dict:
+    """Pinned host <-> device copy bandwidth (GB/s, best of ``reps``), measured in this run: the
+    floor of a step whose transfers outlast its compute is bytes moved / this bandwidth."""
+    if device.type != "cuda":
+        return {}
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    out = {}
+    for label, dst, src in (("h2d_gb_s", dev, host), ("d2h_gb_s", host, dev)):
+        best = float("inf")
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src, non_blocking=True)
+            b.record()
+            b.synchronize()
+            best = min(best, a.elapsed_time(b) / 1e3)
+        out[label] = nbytes / best / 1e9
+    del host, dev
+    return out
+
+
 def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: int, gc_on: bool,
             attn: str, tuning: dict | None = None, profile: bool = False, steps_per_group: int = 1,
-            min_steps: int = 0) -> dict:
+            min_steps: int = 0, dtype: str = "fp32", budget_bytes: int | None = None) -> dict:
     """Two copies of the model (same weights), one optimizer each; whole cycles alternate between
     them (resident, offload, resident, ...), so machine drift hits both the same way. At least
     ``cycles`` timed cycles per mode, more when needed for ``min_steps`` timed steps."""
@@ -99,11 +121,11 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     runs = {}
     for tag, offload in (("resident", False), ("offload", True)):
-        model = build_model(cfg, device, attn=attn)
+        model = build_model(cfg, device, dtype=DTYPES[dtype], attn=attn)
         if gc_on:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         opt = HiFT(model, lr=1e-6, offload=offload, steps_per_group=steps_per_group,
-                   **({"offload_slots": num_slots} if offload else {}))
+                   **({"offload_slots": num_slots, "offload_device_bytes": budget_bytes} if offload else {}))
         if offload and tuning:
             opt.offload_engine.set_tuning(**tuning)
         _time_cycles(model, opt, ids, 1, device)  # warm-up: creates every group's state
@@ -130,7 +152,8 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     rep = opt.memory_report()
     half = len(res_t) // 2
     drift = abs(statistics.mean(res_t[half:]) / statistics.mean(res_t[:half]) - 1) if half else 0.0
-    row = dict(model=name, params=params, batch=batch, seq=seq, gradient_checkpointing=gc_on,
+    row = dict(model=name, params=params, dtype=dtype, batch=batch, seq=seq, gradient_checkpointing=gc_on,
+               budget_bytes=budget_bytes, pieces_per_group=rep.get("pieces_per_group"),
                num_slots=num_slots, steps_per_group=steps_per_group, num_groups=opt.num_groups,
                cycle_steps=cycle_len, cycles_per_mode=cycles, steps_per_mode=len(off_t),
                step_s_resident=statistics.mean(res_t), step_s_offload=statistics.mean(off_t),
@@ -165,6 +188,15 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
         row["h2d_copies_per_step"] = delta["h2d_copies"] / n
         row["d2h_copies_per_step"] = delta["d2h_copies"] / n
         row["state_bytes_all_groups"] = rep.get("host_store_bytes")
+        bw = pinned_bandwidth(device)
+        if bw:
+            # when the transfers outlast the compute, a step cannot beat bytes moved / bandwidth (H2D
+            # and D2H run at the same time)
+            row.update(bw)
+            row["transfer_floor_s_per_step"] = max(row["h2d_bytes_per_step"] / (bw["h2d_gb_s"] * 1e9),
+                                                   row["d2h_bytes_per_step"] / (bw["d2h_gb_s"] * 1e9))
+            row["floor_s_per_step"] = max(row["step_s_resident"], row["transfer_floor_s_per_step"])
+            row["offload_over_floor"] = row["step_s_offload"] / row["floor_s_per_step"] - 1
     # per HiFT group (bottom to top, down2up: step j of a cycle updates group j // K): where the
     # offload overhead sits
     k, K = opt.num_groups, steps_per_group
@@ -194,6 +226,10 @@ def main(argv=None):
     ap.add_argument("--min-steps", type=int, default=0,
                     help="at least this many timed steps per mode (more cycles for small K) [default: 0]")
     ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="weights dtype (bf16/fp16: fp32 master weights in the offloaded state)")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help="offload_device_bytes in GiB (groups larger than half of it stream in pieces)")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
     ap.add_argument("--pipeline-mb", type=float, default=None,
                     help="offload staging piece size in MiB (0: one copy per group; default: the engine's)")
@@ -221,13 +257,18 @@ def main(argv=None):
         for K in args.steps_per_group:
             r = run_one(name, device, batch=args.batch, seq=seq, cycles=args.cycles, num_slots=args.slots,
                         gc_on=args.gc, attn="sdpa" if cuda else "eager", tuning=tuning, profile=args.profile,
-                        steps_per_group=K, min_steps=args.min_steps)
+                        steps_per_group=K, min_steps=args.min_steps, dtype=args.dtype,
+                        budget_bytes=None if args.budget_gib is None else int(args.budget_gib * (1 << 30)))
             rows.append(r)
             print(f"{name:>6} {r['params'] / 1e6:7.1f}M {K:>3} {r['cycle_s_resident']:11.4f} "
                   f"{r['cycle_s_offload']:11.4f} {100 * r['overhead']:8.1f}% {100 * r['overhead_pairs_median']:8.1f}% "
                   f"{r['step_s_resident']:10.4f} {r['step_s_offload']:10.4f} {100 * r['resident_drift']:5.1f}% "
                   f"{r.get('bytes_per_step', 0) / 2**20:9.2f} "
                   f"{r.get('h2d_copies_per_step', 0) + r.get('d2h_copies_per_step', 0):11.3f}", flush=True)
+            if "floor_s_per_step" in r:
+                print(f"{'':>6} pinned H2D {r['h2d_gb_s']:.1f} / D2H {r['d2h_gb_s']:.1f} GB/s: transfer floor "
+                      f"{r['transfer_floor_s_per_step']:.4f} s/step, floor max(compute, transfer) "
+                      f"{r['floor_s_per_step']:.4f} s, offload {100 * r['offload_over_floor']:+.1f}% over it", flush=True)
     from bench_memory import write_results
 
     path = write_results(rows, device, args.out, name="overlap" + (f"-{args.tag}" if args.tag else ""))

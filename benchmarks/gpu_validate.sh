@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-STAGES="${*:-build tests kernels memory7b memory-bf16 overlap step tests-all}"
+STAGES="${*:-build tests kernels memory7b memory-bf16 overlap overlap-bf16 step tests-all}"
 SUMMARY=()
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -70,6 +70,10 @@ for s in $STAGES; do
         $XDIST tests ;;
     kernels) stage kernels 150 $PY benchmarks/bench_kernels.py --device cuda ;;
     overlap) stage overlap 150 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 --profile ;;
+    overlap-bf16)  # LLaMA-7B bf16 + fp32 masters streamed under 2 GiB: step time vs its transfer floor,
+      # and K = 1, 4 (issue 14: traffic per step / K). Holds a resident copy beside: ~110 GB, H200 only
+      stage overlap-bf16 300 $PY benchmarks/bench_overlap.py --models 7b --dtype bf16 --budget-gib 2 \
+        --cycles 1 --steps-per-group 1 4 --tag bf16-7b ;;
     memory7b)  # the paper's scale: LLaMA-7B fp32 AdamW, batch 1, seq 512 (targets 40 / 32 GiB)
       stage memory7b 240 $PY benchmarks/bench_memory.py --models 7b --modes hift_offload full --gc both ;;
     memory-bf16)  # bf16 weights + fp32 masters streamed under a 2 GiB device budget (issue 13 targets:
