@@ -4,6 +4,7 @@ The optimizers, grouping, schedules and LR work without the compiled extension; 
 into a kernel raises a clear error saying how to build hift_ext._C.
 """
 from hift_ext._ext import has_cuda_kernels, has_extension
+from hift_ext.distributed import HiFTDistributedError
 from hift_ext.grouping import Group, Unit, describe_groups, group_model, groups_from_params, model_units
 from hift_ext.lr import DelayedLRScheduler, get_scheduler
 from hift_ext.offload import OffloadEngine
@@ -23,5 +24,5 @@ __all__ = [
     "FusedHiFTAdamW", "FusedHiFTAdaGrad", "FusedHiFTSGD",
     "group_model", "groups_from_params", "model_units", "describe_groups", "Group", "Unit",
     "GroupSchedule", "get_scheduler", "DelayedLRScheduler",
-    "OffloadEngine", "has_cuda_kernels", "has_extension",
+    "OffloadEngine", "has_cuda_kernels", "has_extension", "HiFTDistributedError",
 ]

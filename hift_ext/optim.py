@@ -268,7 +268,20 @@ class _FusedOptimizer(Optimizer):
     def _new_state(self, p: Tensor, group: dict[str, Any], fill: float = 0.0) -> Tensor:
         """A state tensor for p: its shape, fp32 with master weights (else p's dtype)."""
         dtype = torch.float32 if self._uses_master(p, group) else p.dtype
-        return torch.full(p.shape, fill, dtype=dtype, device=self._state_device(p))
+        return torch.full(self._state_shape(p), fill, dtype=dtype, device=self._state_device(p))
+
+    def _state_shape(self, p: Tensor) -> tuple[int, ...]:
+        """The shape of p's state tensors (the HiFT optimizers with sharded state: this rank's
+        element range of p, 1-D)."""
+        return tuple(p.shape)
+
+    def _state_slice(self, p: Tensor, v: Tensor) -> Tensor:
+        """This optimizer's part of a full-shape state tensor of p (all of it unless sharded)."""
+        return v
+
+    def _new_master(self, p: Tensor) -> Tensor:
+        """The fp32 master copy of p (of this optimizer's part of p)."""
+        return self._state_slice(p, p.detach()).to(device=self._state_device(p), dtype=torch.float32, copy=True)
 
     def _state_sizes(self, p: Tensor, group: dict[str, Any]) -> list[int]:
         """Element sizes of the tensors p's state will hold (sorted by key, as offloading lays them
@@ -284,7 +297,7 @@ class _FusedOptimizer(Optimizer):
         if len(state) == 0:
             self._init_state(p, group)
         if self._uses_master(p, group) and MASTER_KEY not in state:
-            state[MASTER_KEY] = p.detach().to(device=self._state_device(p), dtype=torch.float32, copy=True)
+            state[MASTER_KEY] = self._new_master(p)
         return state
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -480,9 +493,9 @@ class _FusedOptimizer(Optimizer):
                     if k == MASTER_KEY and not master:
                         continue  # an fp32 parameter is its own master
                     dtype = torch.float32 if master else p.dtype
-                    state[k] = v.detach().to(device=dev, dtype=dtype, copy=True)
+                    state[k] = self._state_slice(p, v.detach()).to(device=dev, dtype=dtype, copy=True)
                 if master and MASTER_KEY not in state:
-                    state[MASTER_KEY] = p.detach().to(device=dev, dtype=torch.float32, copy=True)
+                    state[MASTER_KEY] = self._new_master(p)
 
     def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
         """Every state tensor must fit its parameter (a wrong shape would otherwise surface only at
@@ -876,6 +889,24 @@ class FusedSGD(_FusedOptimizer):
 _FROZEN_BY_HIFT = "_hift_frozen"
 
 
+def _check_data_parallel_args(name: str, shard_state, bucket_cap_mb, accumulation_steps, comm_timeout) -> None:
+    """The data-parallel arguments are checked with or without torch.distributed, so a script that
+    is wrong on many ranks is already refused on one."""
+    if not isinstance(shard_state, bool):
+        raise TypeError(f"{name}: shard_state must be True or False, got {shard_state!r}")
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) \
+            or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0:
+        raise ValueError(f"{name}: bucket_cap_mb must be a positive number of megabytes (default 25), "
+                         f"got {bucket_cap_mb!r}")
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"{name}: accumulation_steps must be an int >= 1 (backward passes per optimizer step; "
+                         f"gradients are synchronized at the last one), got {accumulation_steps!r}")
+    if comm_timeout is not None and (isinstance(comm_timeout, bool) or not isinstance(comm_timeout, (int, float))
+                                     or not math.isfinite(comm_timeout) or comm_timeout <= 0):
+        raise ValueError(f"{name}: comm_timeout must be a positive number of seconds or None (the process "
+                         f"group's timeout), got {comm_timeout!r}")
+
+
 class _HiFTMixin:
     """HiFT on top of a fused drop-in optimizer (see the module docstring and docs/semantics.md)."""
 
@@ -893,12 +924,18 @@ class _HiFTMixin:
         offload_slots: int = 2,
         offload_prefetch: bool = True,
         offload_device_bytes: int | None = None,
+        process_group=None,
+        shard_state: bool = False,
+        bucket_cap_mb: float = 25.0,
+        accumulation_steps: int = 1,
+        comm_timeout: float | None = None,
         **base_kwargs,
     ) -> None:
         name = type(self).__name__
         schedule_probe = GroupSchedule(1, strategy, seed)  # validates strategy and seed first
         del schedule_probe
         check_steps_per_group(steps_per_group, f"{name}: steps_per_group")
+        _check_data_parallel_args(name, shard_state, bucket_cap_mb, accumulation_steps, comm_timeout)
         if isinstance(group_size, bool) or not isinstance(group_size, int):
             raise TypeError(f"{name}: group_size must be an int, got {group_size!r}")
         if group_size < 1:
@@ -910,10 +947,17 @@ class _HiFTMixin:
         self._groups = groups
         self._group_size = group_size if isinstance(model_or_groups, nn.Module) else None
         self._offload = None
+        self._dp = None
         self._schedule = GroupSchedule(len(groups), strategy, seed, steps_per_group)
         param_groups = [{"params": list(g.params), "hift_group": i} for i, g in enumerate(groups)]
         super().__init__(param_groups, **base_kwargs)
         self._hift_init = False
+        from hift_ext.distributed import resolve_process_group
+
+        pg = resolve_process_group(process_group, name)
+        if pg is not None:  # data parallel: before offload, which sizes the (sharded) state
+            self._setup_data_parallel(pg, bool(shard_state), float(bucket_cap_mb), int(accumulation_steps),
+                                      comm_timeout)
         if offload is None:  # default: offload when the parameters live on a GPU
             offload = all(p.is_cuda for grp in self.param_groups for p in grp["params"])
         if offload:
@@ -1046,7 +1090,8 @@ class _HiFTMixin:
                 f"{name}: offload=True needs every parameter on one device, got "
                 f"{sorted(str(d) for d in devices)}; move the model to one device or pass offload=False"
             )
-        sizes = [[(p.numel(), self._state_sizes(p, grp)) for p in grp["params"]] for grp in self.param_groups]
+        sizes = [[(self._state_numel(p), self._state_sizes(p, grp)) for p in grp["params"]]
+                 for grp in self.param_groups]
         try:
             self._offload = GroupStateOffload(next(iter(devices)), num_slots=num_slots, prefetch=prefetch,
                                               device_bytes=device_bytes, group_sizes=sizes)
@@ -1057,6 +1102,8 @@ class _HiFTMixin:
         return torch.device("cpu") if getattr(self, "_offload", None) is not None else p.device
 
     def _run_plan(self, group, plan, grads, grad_scale, found_inf) -> None:
+        if self._sharded:
+            return self._run_plan_sharded(group, plan, grads, grad_scale, found_inf)
         off = self._offload
         if off is None:
             return super()._run_plan(group, plan, grads, grad_scale, found_inf)
@@ -1099,10 +1146,28 @@ class _HiFTMixin:
 
     def _after_load(self) -> None:
         """self.state was replaced by load_state_dict: the engine takes the loaded tensors."""
-        if self._offload is not None:
-            self._offload.after_load(self.param_groups, self.state)
+        if self._offload is None:
+            return
+        if self._sharded:  # the engine holds this rank's elements only: hand it the views of those
+            groups, smap = [], {}
+            for g in range(self.num_groups):
+                views, m = self._shard_views(g)
+                groups.append({"params": views})
+                smap.update(m)
+            self._offload.after_load(groups, smap)
+            return
+        self._offload.after_load(self.param_groups, self.state)
+
+    def _refuse_copy(self, what: str) -> None:
+        if self.__dict__.get("_dp") is not None:
+            raise TypeError(
+                f"{type(self).__name__} synchronizing {self._dp.world_size} ranks cannot be {what} (it holds "
+                "hooks on the model and a process group); save optimizer.state_dict() and load it into a new "
+                "optimizer instead"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
+        self._refuse_copy("pickled")
         if self.__dict__.get("_offload") is not None:
             raise TypeError(
                 f"{type(self).__name__} with offload cannot be pickled (its engine owns threads, streams and "
@@ -1111,11 +1176,17 @@ class _HiFTMixin:
         state = super().__getstate__()
         for key in ("_schedule", "_groups", "_group_size", "_offload", "_hift_init"):
             state[key] = self.__dict__[key]
+        state["_dp"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_dp", None)
 
     def __deepcopy__(self, memo):
         import copy
 
+        self._refuse_copy("deep-copied")
         self._sync_state()
         new = type(self).__new__(type(self))
         memo[id(self)] = new
@@ -1127,6 +1198,209 @@ class _HiFTMixin:
         if self._offload is not None:  # a new engine holding the copied state
             new.__dict__["_offload"] = self._offload.clone(new.param_groups, new.state)
         return new
+
+    # ----------------------------------------------------------------------------- data parallel
+    # With torch.distributed initialized (hift_ext.distributed.DataParallel): the optimizer averages the
+    # active group's gradients over the ranks itself (hooks, buckets), and with shard_state=True each rank
+    # keeps the state and masters of its 1/N of every bucket only (ZeRO-style per HiFT group).
+    def _setup_data_parallel(self, pg, shard_state: bool, bucket_cap_mb: float, accumulation_steps: int,
+                             comm_timeout: float | None) -> None:
+        from hift_ext.distributed import DataParallel, fingerprint
+
+        name = type(self).__name__
+        sched = self._schedule
+        dp = DataParallel(name, [grp["params"] for grp in self.param_groups], lambda: sched.current,
+                          process_group=pg, shard_state=shard_state, bucket_cap_mb=bucket_cap_mb,
+                          accumulation_steps=accumulation_steps, comm_timeout=comm_timeout)
+        try:
+            dp.check_agreement({
+                "optimizer": name, "num_groups": self.num_groups, "group_size": self._group_size,
+                "strategy": sched.strategy, "seed": sched.seed, "steps_per_group": sched.steps_per_group,
+                "parameter_shapes": fingerprint(self._fingerprint()),
+                "parameter_dtypes": fingerprint([[str(p.dtype) for p in g["params"]] for g in self.param_groups]),
+                "shard_state": shard_state, "accumulation_steps": accumulation_steps, "bucket_cap_mb": bucket_cap_mb,
+                "hyperparameters": {k: str(v) for k, v in sorted(self.defaults.items())},
+            })
+            dp.broadcast_params()  # every rank starts from rank 0's weights, as with DDP
+        except BaseException:
+            dp.remove_hooks()
+            raise
+        self._dp = dp
+
+    @property
+    def _sharded(self) -> bool:
+        dp = self.__dict__.get("_dp")
+        return dp is not None and dp.shard
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the optimizer synchronizes over (1 without torch.distributed)."""
+        return 1 if self._dp is None else self._dp.world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the optimizer's process group (0 without torch.distributed)."""
+        return 0 if self._dp is None else self._dp.rank
+
+    @property
+    def shard_state(self) -> bool:
+        """Whether each rank keeps only its 1/N of the optimizer state (shard_state=True on N > 1 ranks)."""
+        return self._sharded
+
+    @property
+    def data_parallel(self):
+        """The hift_ext.distributed.DataParallel synchronizing the ranks (None in one process)."""
+        return self._dp
+
+    def no_sync(self):
+        """Context manager: backward passes inside it only accumulate gradients locally (no
+        communication), like DDP's no_sync; the first backward outside synchronizes the accumulated
+        gradients. A no-op in a single process."""
+        import contextlib
+
+        return contextlib.nullcontext() if self._dp is None else self._dp.no_sync()
+
+    def sync_grads(self) -> None:
+        """Average the active group's gradients over the ranks now, unless the last backward already
+        did (it does, unless it ran inside no_sync() or before the accumulation_steps-th backward).
+        Call it before code that reads gradients when the last backward did not synchronize;
+        step() calls it when needed. A no-op in a single process."""
+        if self._dp is not None:
+            self._dp.sync_grads()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: bool | None = None) -> Tensor:
+        """torch.nn.utils.clip_grad_norm_ on the active group's gradients, after synchronizing them;
+        returns the total norm. With shard_state=True each rank holds a disjoint part of the
+        gradient, so the norm is reduced over the ranks (torch's clip_grad_norm_ would see this rank's
+        part only)."""
+        self.sync_grads()
+        params = [p for p in self.param_groups[self.active_group]["params"] if p.grad is not None]
+        if not self._sharded:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+        grads = [p.grad for p in params]
+        total = self._dp.grad_norm(grads, float(norm_type))
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(f"The total norm of order {float(norm_type)} for gradients is non-finite, so it "
+                               "cannot be clipped. To disable this error and scale the gradients by the "
+                               "non-finite norm anyway, set `error_if_nonfinite=False`")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return total
+
+    def comm_stats(self) -> dict[str, int]:
+        """Bytes and calls this rank handed to each kind of collective since construction (or
+        reset_comm_stats): grad_all_reduce / grad_reduce_scatter (gradients), param_all_gather (sharded
+        parameters), control (agreements, norms), state_gather (sharded state_dict), broadcast."""
+        return {} if self._dp is None else self._dp.stats()
+
+    def reset_comm_stats(self) -> None:
+        if self._dp is not None:
+            self._dp.reset_stats()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._dp is not None:
+            self._dp.reset()  # a new accumulation window
+
+    def _state_numel(self, p: Tensor) -> int:
+        return self._dp.owned_numel(p) if self._sharded else p.numel()
+
+    def _state_shape(self, p: Tensor) -> tuple[int, ...]:
+        if self._sharded:
+            return (self._dp.owned_numel(p),)
+        return tuple(p.shape)
+
+    def _state_slice(self, p: Tensor, v: Tensor) -> Tensor:
+        if self._sharded:
+            lo, hi = self._dp.owned(p)
+            return v.reshape(-1)[lo:hi]
+        return v
+
+    def _shard_views(self, g: int) -> tuple[list[Tensor], dict]:
+        """Group g's parameters this rank owns elements of, as 1-D views of those elements, and a
+        mapping from each view to its parameter's state dict (what the offload engine is handed)."""
+        views, smap = [], {}
+        for p in self.param_groups[g]["params"]:
+            lo, hi = self._dp.owned(p)
+            if hi > lo:
+                v = p.detach().view(-1)[lo:hi]
+                views.append(v)
+                if p in self.state:
+                    smap[v] = self.state[p]
+        return views, smap
+
+    def _run_plan_sharded(self, group, plan, grads, grad_scale, found_inf) -> None:
+        """Update this rank's elements of the group's parameters (their state is this rank's only)."""
+        dp, off = self._dp, self._offload
+        entries = []
+        for share in plan.shares:
+            gs = grads if share.index is None else [grads[i] for i in share.index]
+            pos, ps, gv = [], [], []
+            for j, (p, gr) in enumerate(zip(share.params, gs)):
+                lo, hi = dp.owned(p)
+                if hi > lo:
+                    pos.append(j)
+                    ps.append(p.view(-1)[lo:hi])
+                    gv.append(gr.reshape(-1)[lo:hi])
+            entries.append((share, pos, ps, gv))
+        if off is None:
+            for share, pos, ps, gv in entries:
+                if ps:
+                    states = [[share.dicts[j][k] for j in pos] for k in share.keys]
+                    self._call_kernel(group, share, ps, gv, states, pos, grad_scale, found_inf)
+            return
+        g = group["hift_group"]
+        views, smap = self._shard_views(g)
+        where = {}
+        for i, p in enumerate(p for p in group["params"] if dp.owned_numel(p)):
+            where[id(p)] = i
+        off.register(g, views, smap)
+        calls = []
+        for share, pos, _, gv in entries:
+            if pos:
+                calls.append(((share, pos), [where[id(share.params[j])] for j in pos], gv, share.keys))
+
+        def apply(tag, ps, gs, states, idx):
+            share, pos = tag
+            self._call_kernel(group, share, ps, gs, states, [pos[c] for c in idx], grad_scale, found_inf)
+
+        sched = self._schedule
+        keep = sched.steps_per_group > 1 and sched.next == g
+        try:
+            off.update(g, views, calls, apply, keep_resident=keep)
+        except RuntimeError as exc:
+            raise self._offload_error(g, exc) from exc
+
+    def _gather_sharded_state(self, sd: dict[str, Any]) -> None:
+        """Replace this rank's slices in ``sd`` (a torch.optim-format state_dict) by the full state
+        tensors, gathered on rank 0 (on the CPU); other ranks keep no state tensors."""
+        dp = self._dp
+        full_on_rank0 = dp.rank == 0
+        for g, (group, saved) in enumerate(zip(self.param_groups, sd["param_groups"])):
+            pid = dict(zip(map(id, group["params"]), saved["params"]))
+            for bucket in dp.buckets[g]:
+                states = [self.state[p] if p in self.state else {} for p in bucket.params]
+                keys = sorted({k for st in states for k, v in st.items() if k != "step" and isinstance(v, Tensor)})
+                for k in keys:
+                    dtype = next(st[k].dtype for st in states if k in st)
+                    chunk = torch.zeros(bucket.shard, dtype=dtype, device=dp.device)
+                    for j, st in enumerate(states):
+                        lo, hi, co = bucket.owned[j]
+                        if k in st and hi > lo:
+                            chunk[co: co + hi - lo].copy_(st[k].reshape(-1))
+                    full = dp.comm.gather_to_first(chunk, "state_gather",
+                                                   f"gathering the optimizer state of HiFT group {g} on rank 0")
+                    if not full_on_rank0:
+                        continue
+                    full = full.cpu()
+                    for p, off, st in zip(bucket.params, bucket.offsets, states):
+                        if k in st:
+                            entry = sd["state"][pid[id(p)]] = dict(sd["state"][pid[id(p)]])  # not self.state's dict
+                            entry[k] = full[off: off + p.numel()].view(p.shape).clone()
+        if not full_on_rank0:
+            sd["state"] = {}
 
     # ----------------------------------------------------------------------------- switching
     def _activate(self, active: int) -> None:
@@ -1156,18 +1430,32 @@ class _HiFTMixin:
                 loss = closure()
         g = self._schedule.current
         group = self.param_groups[g]
+        dp = self._dp
+        if dp is not None:
+            self._sync_for_step(found_inf)
         if all(p.grad is None for p in group["params"]):
+            if dp is not None:
+                dp.reset()
             raise RuntimeError(
                 f"{type(self).__name__}.step(): the active HiFT group {g} has no gradients: "
                 "backward() was not called since the last step()/zero_grad() (or the loss does not "
-                "depend on this group). The group did not change; call loss.backward() before "
-                "step()."
+                "depend on this group)"
+                + (" on any rank" if dp is not None else "")
+                + ". The group did not change; call loss.backward() before step()."
             )
         grad_scale, found_inf = self._amp_tensors(grad_scale, found_inf)
-        if found_inf is not None and bool(found_inf.item()):
+        if dp is not None:
+            if dp.agree_step(found_inf, self._schedule.position):  # an overflow on any rank: skipped on all
+                dp.reset()
+                return loss
+        elif found_inf is not None and bool(found_inf.item()):
             return loss  # overflow: nothing changes and the schedule does not advance
         with torch.no_grad():
             self._update_group(group, grad_scale, None)
+            if dp is not None and dp.shard:
+                dp.gather_params(g)  # every rank's updated elements to every rank
+        if dp is not None:
+            dp.reset()
         self._schedule.advance()
         nxt = self._schedule.current
         if self._offload is not None:
@@ -1181,13 +1469,38 @@ class _HiFTMixin:
             self._activate(nxt)
         return loss
 
+    def _sync_for_step(self, found_inf) -> None:
+        """Data parallel: the gradients step() applies are the synchronized ones."""
+        dp = self._dp
+        checked = found_inf if found_inf is not None else getattr(self, "found_inf", None)
+        if checked is not None and not dp.synced:
+            dp.reset()
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): a GradScaler (found_inf) checked gradients that were not yet "
+                "synchronized across the ranks, so the ranks could disagree on skipping this step. The step "
+                "was not taken; call optimizer.sync_grads() before scaler.unscale_()/scaler.step() when the "
+                "last backward ran inside optimizer.no_sync() (or before accumulation_steps backward passes)"
+            )
+        dp.sync_grads()
+
     # ----------------------------------------------------------------------------- state
     def _fingerprint(self) -> list[list[list[int]]]:
         return [[list(p.shape) for p in group["params"]] for group in self.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything to resume (see docs/semantics.md). With ``shard_state=True`` this is a
+        collective (every rank must call it): the ranks' slices are gathered on rank 0, which gets the
+        same full state_dict an unsharded (or single-process) run saves; the other ranks get one
+        without state tensors (``["hift"]["sharded"]["complete"] is False``) that load_state_dict
+        refuses. One format for every world size is why: a checkpoint written with N ranks loads
+        with M ranks (each rank takes its slice of the full tensors at load: re-sharding is slicing),
+        into a single process and into an unsharded run, and it needs no file system shared by the
+        nodes. The price: rank 0 holds the full state in host memory while saving (group by group
+        it arrives through gathers of one bucket at a time)."""
         self._sync_state()
         sd = super().state_dict()
+        if self._sharded:
+            self._gather_sharded_state(sd)
         sd["hift"] = {
             "format": 1,
             "optimizer": type(self).__name__,
@@ -1198,6 +1511,9 @@ class _HiFTMixin:
             "schedule": self._schedule.state_dict(),
             "shapes": self._fingerprint(),
         }
+        if self._sharded:
+            sd["hift"]["sharded"] = {"world_size": self._dp.world_size, "rank": self._dp.rank,
+                                     "complete": self._dp.rank == 0}
         return sd
 
     def _check_hift_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -1208,6 +1524,13 @@ class _HiFTMixin:
                 f"{name}.load_state_dict: the state_dict has no 'hift' entry, so it was not saved "
                 "by a FusedHiFT optimizer; load a state_dict saved by "
                 f"{name}.state_dict() (a torch.optim state_dict loads into the drop-in optimizers)"
+            )
+        sharded = hift.get("sharded")
+        if isinstance(sharded, dict) and sharded.get("complete") is False:
+            raise ValueError(
+                f"{name}.load_state_dict: this state_dict was returned on rank {sharded.get('rank')} of a run with "
+                f"shard_state=True on {sharded.get('world_size')} ranks, which holds no optimizer state (rank 0's "
+                "holds all of it); load the state_dict saved on rank 0 (on every rank)"
             )
         saved = hift.get("optimizer")
         if saved != name:
@@ -1281,6 +1604,9 @@ class _HiFTMixin:
             report.update(engine_report())
         report["num_groups"] = self.num_groups
         report["active_group"] = self.active_group
+        if self._dp is not None:
+            report["world_size"] = self._dp.world_size
+            report["shard_state"] = self._dp.shard
         return report
 
     def __repr__(self) -> str:
