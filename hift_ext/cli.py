@@ -4,6 +4,8 @@
     hift-ext bench [NAME ...] [-- ARGS]  run the scripts in benchmarks/ (all, or bench_NAME.py)
     hift-ext groups [--model PATH] [--group-size N]   print the model's HiFT groups
 
+    torchrun --nproc-per-node N $(which hift-ext) finetune [flags]   data parallel on N processes
+
 Bad input (data, model, output/resume directories, flags) prints one clear message and exits with
 code 2; a run stopped because its loss or gradients stayed NaN/inf exits with code 3, Ctrl-C with
 130 (after saying how to resume). The training loop itself lives in :mod:`hift_ext.train`.
@@ -123,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--offload", dest="offload", action="store_true", default=None,
                    help="keep inactive groups' optimizer state on the host [default: on with a GPU]")
     o.add_argument("--no-offload", dest="offload", action="store_false", default=None)
+    o.add_argument("--shard-state", dest="shard_state", action="store_true", default=None,
+                   help="under torchrun: each process keeps 1/N of the optimizer state (ZeRO-style; the same "
+                   "numbers as without) [default: every process keeps all of it]")
     t = f.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int, default=None, help=f"[default: {d.epochs}]")
     t.add_argument("--max-steps", type=_positive_int, metavar="N", default=None,
                    help="total optimizer steps (overrides --epochs; the LR schedule's horizon)")
-    t.add_argument("--batch-size", type=_positive_int, default=None, help=f"[default: {d.batch_size}]")
+    t.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=f"examples per micro-batch, per process under torchrun (the global batch is N times "
+                   f"it) [default: {d.batch_size}]")
     t.add_argument("--grad-accum", type=_positive_int, metavar="N", default=None,
                    help=f"micro-batches per optimizer step [default: {d.grad_accum}]")
     t.add_argument("--seed", type=_int_flag(hparams.SEED_MIN, hparams.SEED_MAX), default=None,
@@ -144,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=d.device, help=f"auto, cpu, cuda or cuda:N [default: {d.device}]")
     t.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads for torch; 1 is faster on a busy machine [default: one per core]")
+    t.add_argument("--dist-timeout", type=_float_flag("dist_timeout"), default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others before it stops with an "
+                   "error [default: torch's, 30 min for gloo, 10 min for NCCL]")
     r = f.add_argument_group("output")
     r.add_argument("--output", metavar="DIR", default=None,
                    help="write config.json, metrics.jsonl, metrics.json, loss.png, checkpoint/ and model/ "
@@ -181,7 +191,7 @@ FINETUNE_FLAGS = (
     "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
     "full", "group_size", "strategy", "steps_per_group", "lr", "weight_decay", "momentum", "scheduler",
     "warmup_ratio", "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
-    "logging_steps", "save_steps", "max_nonfinite_steps", "save_model",
+    "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state",
 )
 
 
@@ -219,20 +229,44 @@ def _config_from_args(args):
 
 
 def cmd_finetune(args) -> int:
+    from hift_ext import distributed
+
+    try:
+        # under torchrun: join the other processes first (every one parses the same command line)
+        distributed.init_from_env(args.device, args.dist_timeout)
+    except Exception as exc:  # noqa: BLE001 - e.g. the rendezvous timed out
+        return _fail("finetune", f"cannot join the other processes of the launch: {exc}", code=1)
+    ranks = distributed.Ranks()
+    try:
+        return _finetune(args, ranks)
+    finally:
+        if ranks.distributed and distributed.is_distributed():
+            try:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _finetune(args, ranks) -> int:
     from hift_ext.data import DataError
     from hift_ext.errors import NonFiniteTrainingError, RunInterrupted, UsageError
     from hift_ext.report import format_summary
     from hift_ext.train import run_finetune
 
+    where = f"finetune (rank {ranks.rank})" if ranks.distributed else "finetune"
     try:
         cfg, ck, default_output = _config_from_args(args)
         if default_output:
-            print(f"{PROG} finetune: no --output given: the run goes to {cfg.output}", file=sys.stderr)
+            cfg.output = ranks.broadcast_json(cfg.output)  # one directory (rank 0's time stamp) for every rank
+            if ranks.main:
+                print(f"{PROG} finetune: no --output given: the run goes to {cfg.output}", file=sys.stderr)
         metrics = run_finetune(cfg, checkpoint=ck)
     except (UsageError, DataError) as exc:
-        return _fail("finetune", str(exc))
+        return _fail(where, str(exc))
     except NonFiniteTrainingError as exc:
-        return _fail("finetune", str(exc), code=NonFiniteTrainingError.exit_code)
+        return _fail(where, str(exc), code=NonFiniteTrainingError.exit_code)
     except RunInterrupted as exc:
         print(f"\n{PROG} finetune: {exc}", file=sys.stderr)
         return RunInterrupted.exit_code
@@ -242,12 +276,15 @@ def cmd_finetune(args) -> int:
     except Exception as exc:  # the extension missing etc.: one line, not a traceback
         from hift_ext._ext import ExtensionMissingError
 
-        if isinstance(exc, (ExtensionMissingError, ImportError)):
-            return _fail("finetune", str(exc), code=1)
+        from hift_ext.distributed import HiFTDistributedError
+
+        if isinstance(exc, (ExtensionMissingError, ImportError, HiFTDistributedError)):
+            return _fail(where, str(exc), code=1)
         if isinstance(exc, OSError) and exc.filename:  # e.g. the disk filled up while writing
-            return _fail("finetune", f"{exc.filename}: {exc.strerror or exc}", code=1)
+            return _fail(where, f"{exc.filename}: {exc.strerror or exc}", code=1)
         raise
-    print(format_summary(cfg, metrics))
+    if ranks.main:
+        print(format_summary(cfg, metrics))
     return 0
 
 

@@ -614,6 +614,7 @@ class DataParallel:
             first.grad.view(-1)[0] = float("nan")  # seen by every rank's inf/NaN check
         self._inflight = []
         self.synced = True
+        self.comm.stats["grad_syncs"] += 1
 
     # ----------------------------------------------------------------------------- step
     def agree_step(self, found_inf: Optional[Tensor], position: int) -> bool:
@@ -701,3 +702,89 @@ class DataParallel:
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able object (parameter shapes, ...)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ============================================================================================
+# Launching: torchrun's environment, and the ranks of a training loop
+# ============================================================================================
+def launched_world_size() -> int:
+    """WORLD_SIZE from the environment (torchrun, accelerate launch), 1 when absent."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def init_from_env(device: str = "auto", timeout_s: Optional[float] = None) -> bool:
+    """Join the default process group when launched on several processes (torchrun sets WORLD_SIZE,
+    RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL when the run trains on CUDA, else gloo; each
+    rank takes GPU LOCAL_RANK. Returns True when distributed. ``timeout_s``: how long a collective
+    may wait for the others (None: torch's default)."""
+    import os
+
+    if is_distributed():
+        return world_size() > 1
+    if launched_world_size() <= 1:
+        return False
+    dist = _dist()
+    use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+    kw = {}
+    if timeout_s is not None:
+        kw["timeout"] = datetime.timedelta(seconds=float(timeout_s))
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo", **kw)
+    return dist.get_world_size() > 1
+
+
+def local_rank() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class Ranks:
+    """This process's place among the ranks of the default process group, for a training loop:
+    rank 0 of 1 (and every method a no-op) without torch.distributed."""
+
+    def __init__(self):
+        self.world = world_size()
+        self.rank = rank()
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def split(self, items: Sequence[Any]) -> List[Any]:
+        """This rank's contiguous part of ``items`` (sizes differ by at most one; a rank may get
+        none when there are fewer items than ranks)."""
+        n, w, r = len(items), self.world, self.rank
+        lo = r * n // w
+        hi = (r + 1) * n // w
+        return list(items[lo:hi])
+
+    def strided(self, items: Sequence[Any]) -> List[Any]:
+        """Every world-th item starting at this rank's (evaluation: similar lengths everywhere)."""
+        return list(items[self.rank:: self.world])
+
+    def sum(self, values: Sequence[float]) -> List[float]:
+        return all_reduce_sum(values) if self.distributed else [float(v) for v in values]
+
+    def max(self, values: Sequence[float]) -> List[float]:
+        return all_reduce_max(values) if self.distributed else [float(v) for v in values]
+
+    def gather_json(self, obj: Any) -> List[Any]:
+        return all_gather_json(obj) if self.distributed else [obj]
+
+    def broadcast_json(self, obj: Any) -> Any:
+        return broadcast_json(obj) if self.distributed else obj

@@ -61,6 +61,7 @@ RULES: Mapping[str, Range] = {
     "warmup_ratio": Range(0.0, high=1.0),
     "eps": POSITIVE,
     "beta": Range(0.0, high=1.0),
+    "dist_timeout": POSITIVE,  # seconds a process waits for the others (torchrun)
 }
 
 

@@ -137,6 +137,9 @@ def format_summary(cfg, m: Dict[str, Any]) -> str:
         ("train time", f"{human_time(m['train_time_s'])} ({m['steps']} steps, {m['epochs']} epochs, "
                        f"{m['device']})"),
     ]
+    if (m.get("world_size") or 1) > 1:
+        rows.append(("processes", f"{m['world_size']} (global batch {m['global_batch_size']}; optimizer state "
+                                  + ("sharded)" if m.get("shard_state") else "replicated)")))
     if m.get("skipped_steps"):
         rows.append(("skipped steps", f"{m['skipped_steps']} (non-finite loss or gradients; not applied)"))
     rows += [
@@ -150,8 +153,10 @@ def format_summary(cfg, m: Dict[str, Any]) -> str:
     line = "-" * (w + 2 + max(len(v) for _, v in rows))
     out = [line] + [f"{k:<{w}}  {v}" for k, v in rows] + [line]
     if not m.get("completed", True):
+        launcher = ("hift-ext" if (m.get("world_size") or 1) == 1
+                    else f"torchrun --nproc-per-node {m['world_size']} $(which hift-ext)")
         out.append(f"(stopped early after step {m['steps']}/{m['total_steps']}: "
-                   f"continue with: hift-ext finetune --resume {shlex.quote(cfg.output)})")
+                   f"continue with: {launcher} finetune --resume {shlex.quote(cfg.output)})")
     if cfg.output:
         out.append(f"outputs in {cfg.output}: config.json metrics.jsonl metrics.json loss.png checkpoint/"
                    + (" model/" if cfg.save_model and m.get("completed", True) else ""))

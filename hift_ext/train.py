@@ -127,6 +127,12 @@ class TrainConfig:
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     offload: Optional[bool] = None  # None: on when training on a GPU
+    # data parallel (under torchrun): each rank keeps 1/N of the optimizer state (run control: the
+    # numbers are the replicated run's)
+    shard_state: bool = False
+    # processes the run trains on (set by run_finetune from torch.distributed, not a flag): the global
+    # batch is batch_size x world_size, so a run resumes on as many processes as it started with
+    world_size: int = 1
     # -- run control (not part of the training configuration a resume must match)
     device: str = "auto"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default, one per core)
@@ -198,6 +204,10 @@ class TrainConfig:
                                                           "warmup_ratio")})
         except hparams.HParamError as exc:
             raise UsageError(str(exc)) from None
+        if self.full and self.world_size > 1:
+            raise UsageError(f"--full on {self.world_size} processes: hift-ext's data parallelism is HiFT's "
+                             "(torch.optim full fine-tuning would need DDP); run --full in one process, or drop "
+                             "--full")
         if self.full and self.steps_per_group != 1:
             raise UsageError(f"--steps-per-group {self.steps_per_group} applies to HiFT only (--full updates "
                              "every parameter at every step); drop --full or --steps-per-group")
@@ -208,12 +218,12 @@ TRAINING_KEYS = (
     "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "steps_per_group",
     "epochs", "lr", "weight_decay", "momentum", "batch_size", "grad_accum", "max_length", "max_grad_norm",
     "scheduler", "warmup_ratio", "lr_hold", "seed", "precision", "max_steps", "max_train_examples",
-    "max_eval_examples",
+    "max_eval_examples", "world_size",
 )
 # What a checkpoint written before a training key existed ran with (its config lacks the key).
-LEGACY_CONFIG = {"steps_per_group": 1, "lr_hold": "cycle", "precision": "fp32"}
+LEGACY_CONFIG = {"steps_per_group": 1, "lr_hold": "cycle", "precision": "fp32", "world_size": 1}
 # Run control a resumed run keeps unless the command line sets it again.
-RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model")
+RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state")
 
 
 def default_lr(mode: str, optimizer: str) -> float:
@@ -377,11 +387,17 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         offload = next(model.parameters()).device.type == "cuda"
         try:
             return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
-                       steps_per_group=cfg.steps_per_group, offload=offload, **kw)
+                       steps_per_group=cfg.steps_per_group, offload=offload, **kw, **_data_parallel_kw(cfg))
         except NotImplementedError:  # an offload engine not available in this build
             offload = False
     return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
-               steps_per_group=cfg.steps_per_group, offload=offload, **kw)
+               steps_per_group=cfg.steps_per_group, offload=offload, **kw, **_data_parallel_kw(cfg))
+
+
+def _data_parallel_kw(cfg: TrainConfig) -> Dict[str, Any]:
+    """Under torch.distributed the HiFT optimizer synchronizes the ranks itself (the default process
+    group); one process passes nothing, so it builds the optimizer exactly as before."""
+    return {"shard_state": True} if cfg.shard_state else {}
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
@@ -453,7 +469,12 @@ def peak_memory_bytes(device: torch.device) -> Tuple[int, str]:
         return 0, "unavailable"
 
 # ------------------------------------------------------------------------------------ the loop
-def _pick_device(name: str) -> torch.device:
+def _pick_device(name: str, ranks=None) -> torch.device:
+    if ranks is not None and ranks.distributed:  # under torchrun: this rank's GPU (LOCAL_RANK), or the CPU
+        from hift_ext.distributed import local_rank
+
+        if name in ("auto", "cuda") and torch.cuda.is_available():
+            return torch.device("cuda", local_rank())
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -472,11 +493,15 @@ def _pick_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model, ds: TokenizedDataset, device, batch_size: int, autocast_ctx) -> Dict[str, float]:
+def evaluate(model, ds: TokenizedDataset, device, batch_size: int, autocast_ctx, ranks=None) -> Dict[str, float]:
+    """Accuracy and mean loss on ``ds``; with ``ranks`` (torchrun) each rank evaluates every N-th
+    example and the counts are summed over the ranks."""
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     order = sorted(range(len(ds)), key=lambda i: len(ds.input_ids[i]))  # less padding
+    if ranks is not None and ranks.distributed:
+        order = ranks.strided(order)
     for idx in ds.batches(order, batch_size):
         batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
         with autocast_ctx():
@@ -485,6 +510,9 @@ def evaluate(model, ds: TokenizedDataset, device, batch_size: int, autocast_ctx)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         total += len(idx)
     model.train(was_training)
+    if ranks is not None and ranks.distributed:
+        correct, total, loss_sum = ranks.sum([correct, total, loss_sum])
+        correct, total = int(correct), int(total)
     return {"eval_accuracy": correct / total, "eval_loss": loss_sum / total, "eval_examples": total}
 
 
@@ -524,24 +552,31 @@ def _fresh_counters() -> Dict[str, Any]:
             "window_loss": 0.0, "window_n": 0}
 
 
-def _total_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+def _total_grad_norm(params: List[torch.Tensor], max_norm: float, optimizer=None) -> torch.Tensor:
     """Clip when ``max_norm > 0``; either way the total gradient norm (inf/NaN when a gradient is
-    not finite: the caller skips the step)."""
+    not finite: the caller skips the step). A HiFT optimizer with sharded state holds a part of the
+    gradient on each rank: its own clip_grad_norm_ reduces the norm over the ranks."""
+    if getattr(optimizer, "shard_state", False):
+        return optimizer.clip_grad_norm_(max_norm if max_norm and max_norm > 0 else float("inf"))
     grads = [p for p in params if p.grad is not None]
     if max_norm and max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(grads, max_norm, error_if_nonfinite=False)
     return torch.nn.utils.get_total_norm([p.grad for p in grads], error_if_nonfinite=False)
 
 
-def _clip_scaled_grads(params: List[torch.Tensor], max_norm: float, scale: float) -> float:
+def _clip_scaled_grads(params: List[torch.Tensor], max_norm: float, scale: float, optimizer=None) -> float:
     """fp16 with a GradScaler: the norm of the unscaled gradients (computed in fp32 from the scaled
     fp16 ones, which GradScaler.unscale_ refuses), clipping the scaled gradients by the factor the
-    unscaled ones would get. inf/NaN: the scaled gradients overflowed."""
+    unscaled ones would get. inf/NaN: the scaled gradients overflowed. (Sharded state: the norm is
+    reduced over the ranks.)"""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if getattr(optimizer, "shard_state", False):
+        norm = float(optimizer.data_parallel.grad_norm(grads, 2.0)) / scale
+    elif not grads:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
-    norm = float(torch.linalg.vector_norm(norms, 2)) / scale
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads])
+        norm = float(torch.linalg.vector_norm(norms, 2)) / scale
     if max_norm and max_norm > 0 and math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
@@ -555,7 +590,10 @@ class _Training:
     def __init__(self, cfg: TrainConfig, *, model, optimizer, scheduler, train_ds: TokenizedDataset,
                  eval_ds: Optional[TokenizedDataset], device: torch.device, total_steps: int,
                  steps_per_epoch: int, n_epochs: int, metrics: MetricsLog, state_extra: Dict[str, Any],
-                 source: Optional[Checkpoint], log: Callable[[str], None]):
+                 source: Optional[Checkpoint], log: Callable[[str], None], ranks=None):
+        from hift_ext.distributed import Ranks
+
+        self.ranks = ranks if ranks is not None else Ranks()  # rank 0 of 1 in one process
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.train_ds, self.eval_ds, self.device = train_ds, eval_ds, device
         self.total_steps, self.steps_per_epoch, self.n_epochs = total_steps, steps_per_epoch, n_epochs
@@ -579,7 +617,12 @@ class _Training:
     def restore(self, state: Dict[str, Any], tensors: Dict[str, Any]) -> None:
         self.epoch, self.micro, self.step = int(state["epoch"]), int(state["micro"]), int(state["step"])
         self.counters.update(state["counters"])
-        set_rng_state(state["rng"], tensors["rng"])
+        per_rank = state.get("rng_ranks")
+        if self.ranks.distributed and isinstance(per_rank, list) and len(per_rank) == self.ranks.world:
+            r = self.ranks.rank  # every rank continues its own random stream (dropout)
+            set_rng_state(per_rank[r], tensors["rng_ranks"][r])
+        else:
+            set_rng_state(state["rng"], tensors["rng"])
         if self.scaler is not None and "scaler" in tensors:
             self.scaler.load_state_dict(tensors["scaler"])
 
@@ -601,24 +644,44 @@ class _Training:
                 f"the model's weights became non-finite (NaN/inf) by step {self.step} ({len(bad)} tensor(s), "
                 f"e.g. {bad[0]}), so they were not checkpointed")
         if self.out:
+            ranks = self.ranks
+            optimizer_state = self.optimizer.state_dict()  # with sharded state: gathered on rank 0 (every rank calls)
             js_rng, tensor_rng = rng_state()
             state = {"config": self.cfg.to_dict(), "epoch": self.epoch, "micro": self.micro, "step": self.step,
                      "counters": dict(self.counters), "rng": js_rng, **self.state_extra}
-            tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                       "rng": tensor_rng}
+            tensors = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "rng": tensor_rng}
+            if ranks.distributed:  # every rank's random streams, so that each continues its own
+                everyone = ranks.gather_json({"js": js_rng, "torch": tensor_rng["torch"].tolist(),
+                                              "cuda": [t.tolist() for t in tensor_rng.get("cuda", [])]})
+                state["rng_ranks"] = [e["js"] for e in everyone]
+                tensors["rng_ranks"] = [{"torch": torch.tensor(e["torch"], dtype=torch.uint8),
+                                         **({"cuda": [torch.tensor(c, dtype=torch.uint8) for c in e["cuda"]]}
+                                            if e["cuda"] else {})} for e in everyone]
             if self.scaler is not None:
                 tensors["scaler"] = self.scaler.state_dict()
-            save_checkpoint(self.out, step=self.step, model_state=model_state, tensors=tensors,
-                            state=json_roundtrip(state), history=self.metrics.lines)
+            failed: Optional[BaseException] = None
+            if ranks.main:  # rank 0 alone writes (new directory renamed into place: never a partial one)
+                try:
+                    save_checkpoint(self.out, step=self.step, model_state=model_state, tensors=tensors,
+                                    state=json_roundtrip(state), history=self.metrics.lines)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+                    failed = exc
+            if ranks.distributed and ranks.max([1.0 if failed is not None else 0.0])[0] > 0 and failed is None:
+                raise RuntimeError(f"rank 0 could not write the checkpoint of step {self.step} (see its output); "
+                                   "the last complete checkpoint is left in place")
+            if failed is not None:
+                raise failed
             self.resumable = (self.out, self.step)
         self.clock.restart()
 
     # ---- messages
     def resume_command(self) -> Optional[str]:
+        prog = ("hift-ext" if not self.ranks.distributed
+                else f"torchrun --nproc-per-node {self.ranks.world} $(which hift-ext)")
         if self.resumable is not None:
-            return f"hift-ext finetune --resume {shlex.quote(self.resumable[0])}"
+            return f"{prog} finetune --resume {shlex.quote(self.resumable[0])}"
         if self.source is not None:  # resumed into another directory, no checkpoint of its own yet
-            cmd = f"hift-ext finetune --resume {shlex.quote(self.source.path)}"
+            cmd = f"{prog} finetune --resume {shlex.quote(self.source.path)}"
             return cmd + (f" --output {shlex.quote(self.out)} --overwrite" if self.out else "")
         return None
 
@@ -683,35 +746,72 @@ class _Training:
         self.optimizer.zero_grad(set_to_none=True)
         self.counters["amp_skipped_steps"] = self.counters.get("amp_skipped_steps", 0) + 1
 
+    def _distributed_micro_batch(self, batches) -> Tuple[float, int]:
+        """This rank's part of global micro-batch ``self.micro``: forward and backward (only the last
+        micro-batch of an optimizer step synchronizes the gradients; earlier ones accumulate inside
+        optimizer.no_sync()), then (loss, examples) of the whole global micro-batch, agreed by every
+        rank. Each rank's loss is weighted by its share of the examples, so the synchronized gradient
+        is the global batch's mean even when the last batch does not split evenly; a rank without
+        examples still takes part in the synchronization."""
+        import contextlib
+
+        cfg, ranks = self.cfg, self.ranks
+        global_idx = batches[self.micro]
+        idx = ranks.split(global_idx)
+        last = (self.micro + 1) % cfg.grad_accum == 0 or self.micro + 1 == len(batches)
+        local_sum, bad = 0.0, 0.0
+        if idx:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
+            with self.autocast():
+                loss = self.model(**batch).loss
+            weight = len(idx) * ranks.world / len(global_idx)
+            scaled = (loss * weight if weight != 1.0 else loss) / cfg.grad_accum
+            with contextlib.nullcontext() if last else self.optimizer.no_sync():
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            value = float(loss.detach().float())
+            if math.isfinite(value):
+                local_sum = value * len(idx)
+            else:
+                bad = 1.0
+        elif last:
+            self.optimizer.sync_grads()  # the other ranks' last backward synchronizes: take part
+        total, n, bad = ranks.sum([local_sum, len(idx), bad])
+        return (total / n if bad == 0 else float("nan")), int(n)
+
     def _loop(self, pbar) -> None:
         cfg, model, optimizer, scheduler, c = self.cfg, self.model, self.optimizer, self.scheduler, self.counters
         bad_loss: Optional[float] = None  # a non-finite loss among the step's micro-batches
         optimizer.zero_grad(set_to_none=True)
         self.clock.restart()
+        ranks = self.ranks
         while self.epoch < self.n_epochs and self.step < self.total_steps and not self.stopped:
             order = epoch_permutation(len(self.train_ds), cfg.seed, self.epoch)
-            batches = self.train_ds.batches(order, cfg.batch_size)
+            # under torchrun a batch is global (batch_size x world_size examples) and each rank takes its part
+            batches = self.train_ds.batches(order, cfg.batch_size * ranks.world)
             while self.micro < len(batches) and self.step < self.total_steps:
-                idx = batches[self.micro]
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
-                with self.autocast():
-                    loss = model(**batch).loss
-                scaled = loss / cfg.grad_accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                loss_value = float(loss.detach().float())
+                if ranks.distributed:
+                    loss_value, n_examples = self._distributed_micro_batch(batches)
+                else:
+                    idx = batches[self.micro]
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
+                    with self.autocast():
+                        loss = model(**batch).loss
+                    scaled = loss / cfg.grad_accum
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    loss_value, n_examples = float(loss.detach().float()), len(idx)
                 if math.isfinite(loss_value):
                     c["window_loss"] += loss_value
                     c["window_n"] += 1
                 else:
                     bad_loss = loss_value
-                self.clock.examples += len(idx)
+                self.clock.examples += n_examples
                 self.micro += 1
                 if self.micro % cfg.grad_accum != 0 and self.micro != len(batches):
                     continue
                 if self.scaler is None:
-                    grad_norm = float(_total_grad_norm(self.params, cfg.max_grad_norm))
+                    grad_norm = float(_total_grad_norm(self.params, cfg.max_grad_norm, optimizer))
                 else:
-                    grad_norm = _clip_scaled_grads(self.params, cfg.max_grad_norm, self.scaler.get_scale())
+                    grad_norm = _clip_scaled_grads(self.params, cfg.max_grad_norm, self.scaler.get_scale(), optimizer)
                     if bad_loss is None and not math.isfinite(grad_norm):
                         self._amp_overflow()  # the scaler's business, not a bad step
                         continue
@@ -754,7 +854,7 @@ class _Training:
             # end of epoch (or of max_steps): evaluate, checkpoint
             self.clock.account()
             if self.eval_ds is not None:
-                ev = evaluate(model, self.eval_ds, self.device, 2 * cfg.batch_size, self.autocast)
+                ev = evaluate(model, self.eval_ds, self.device, 2 * cfg.batch_size, self.autocast, ranks)
                 ev.update({"type": "eval", "step": self.step, "epoch": self.epoch + 1,
                            "elapsed_s": c["train_time_s"]})
                 c["evals"].append(ev)
@@ -807,6 +907,8 @@ class _Training:
             "seed": cfg.seed,
             "precision": cfg.precision,
             "amp_skipped_steps": c.get("amp_skipped_steps", 0),
+            **({"world_size": self.ranks.world, "global_batch_size": cfg.batch_size * self.ranks.world,
+                "shard_state": bool(getattr(opt, "shard_state", False))} if self.ranks.distributed else {}),
         }
 
 
@@ -858,17 +960,31 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     """
     from tqdm.auto import tqdm
 
+    from hift_ext.distributed import Ranks
+
+    ranks = Ranks()  # under torchrun: this process's rank; rank 0 of 1 otherwise
     if log is None:
         def log(msg):
             tqdm.write(msg, file=sys.stderr)
+    if not ranks.main:  # rank 0 speaks for every rank
+        def log(msg):  # noqa: F811
+            pass
 
     # ---- everything is validated before the output directory is touched
+    cfg.world_size = ranks.world
     cfg.validate()
-    device = _pick_device(cfg.device)
+    device = _pick_device(cfg.device, ranks)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ck = checkpoint if checkpoint is not None or cfg.resume is None else open_checkpoint(cfg.resume)
     if ck is not None:
+        saved_world = with_legacy_keys(ck.config)["world_size"]
+        if saved_world != cfg.world_size:
+            raise UsageError(
+                f"--resume {cfg.resume}: the run trained on {saved_world} process(es) and this one has "
+                f"{cfg.world_size}; its global batch is --batch-size x processes, so resume it on as many: "
+                + ("`hift-ext finetune --resume ...` (one process)" if saved_world == 1 else
+                   f"`torchrun --nproc-per-node {saved_world} $(which hift-ext) finetune --resume ...`"))
         diff = config_mismatch(with_legacy_keys(ck.config), cfg.to_dict(), TRAINING_KEYS)
         if diff:
             raise UsageError(f"--resume {cfg.resume}: the checkpoint was written by another configuration:\n  "
@@ -877,7 +993,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
             log(ck.note)
     out = cfg.output
     resuming_here = ck is not None and bool(out) and os.path.isdir(out) and _same_dir(ck.run_dir, out)
-    if out:
+    if out and ranks.main:  # (rank 0 alone writes it: another rank checking it would race its writes)
         check_output(out, overwrite=cfg.overwrite, resuming_here=resuming_here)
 
     train_path, eval_path, train_ex, eval_ex = _load_data(cfg)
@@ -915,7 +1031,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         if ds is not None:
             check_token_ids(ds, model, tok_flag)
 
-    n_batches = math.ceil(len(train_ds) / cfg.batch_size)
+    n_batches = math.ceil(len(train_ds) / (cfg.batch_size * ranks.world))  # global batches
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps else cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -934,11 +1050,13 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--bf16: this GPU does not support bfloat16; use --fp16")
 
-    metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None)
+    if ranks.distributed and ranks.rank > 0:  # every rank its own dropout stream (rank 0 keeps the seed's)
+        torch.manual_seed((cfg.seed * 1_000_003 + 7919 * ranks.rank) & ((1 << 63) - 1))
+    metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and ranks.main else None)
     training = _Training(cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
                          eval_ds=eval_ds, device=device, total_steps=total_steps,
                          steps_per_epoch=steps_per_epoch, n_epochs=n_epochs, metrics=metrics_log,
-                         state_extra={"data": data_prints}, source=ck, log=log)
+                         state_extra={"data": data_prints}, source=ck, log=log, ranks=ranks)
     if ck is not None:  # load (and so validate) the checkpoint before anything in OUTPUT changes
         model_state, tensors = ck.load_tensors(map_location="cpu")
         try:
@@ -953,23 +1071,25 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         log(f"resumed from {ck.path} at step {training.step}/{total_steps} (epoch {training.epoch + 1}, "
             f"batch {training.micro})")
 
-    # ---- from here on the output directory changes
-    if out:
+    # ---- from here on the output directory changes (rank 0 alone writes)
+    if out and ranks.main:
         inputs = [train_path, eval_path, model_path, cfg.tokenizer] + ([ck.path] if ck else [])
         prepare_output(out, overwrite=cfg.overwrite, resuming_here=resuming_here, inputs=inputs, log=log)
         write_text(os.path.join(out, "config.json"), dumps(
             {**cfg.to_dict(), "model_path": model_path, "train_path": train_path, "eval_path": eval_path,
              "data": data_prints, "num_labels": num_labels, "label_map": label_map, "total_steps": total_steps,
-             "steps_per_epoch": steps_per_epoch, "device_resolved": str(device)}, indent=2))
+             "steps_per_epoch": steps_per_epoch, "device_resolved": str(device),
+             "global_batch_size": cfg.batch_size * ranks.world}, indent=2))
     metrics_log.start(history if ck is not None else [])
 
     desc = f"{'full' if cfg.full else 'HiFT'}-{cfg.optimizer}"
-    pbar = tqdm(total=total_steps, initial=training.step, desc=desc, unit="step", disable=not cfg.progress,
+    pbar = tqdm(total=total_steps, initial=training.step, desc=desc, unit="step",
+                disable=not cfg.progress or not ranks.main,
                 dynamic_ncols=True, file=sys.stderr)
     try:
         training.run(pbar)
     except NonFiniteTrainingError:
-        if out:
+        if out and ranks.main:
             _write_reports(training, out, desc, train_path, completed=False, stop_reason="non-finite")
         raise
     finally:
@@ -977,7 +1097,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         metrics_log.close()
 
     metrics = training.final_metrics(completed=not training.stopped)
-    if out:
+    if out and ranks.main:
         _write_reports(training, out, desc, train_path, completed=not training.stopped, metrics=metrics)
         if cfg.save_model and not training.stopped:
             _export_model(model, tokenizer, out)

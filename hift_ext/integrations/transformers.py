@@ -35,7 +35,22 @@ The rest needs nothing from us, because the HiFT optimizer keeps the contracts T
   so a resumed run ends with the same weights as an uninterrupted one.
 
 ``num_training_steps`` must be the number of optimizer steps Trainer will take (the LR horizon);
-:func:`num_training_steps` computes it from the arguments the way Trainer does (``max_steps`` wins).
+:func:`num_training_steps` computes it from the arguments the way Trainer does (``max_steps`` wins),
+with the batches split over ``args.world_size`` processes.
+
+Many processes (``torchrun --nproc-per-node N train.py`` or ``accelerate launch``): the HiFT optimizer
+synchronizes the ranks itself, so the model must stay out of DDP (DDP registers the parameters that
+require grad when it wraps the model; HiFT switches them). :func:`create_hift_optimizer_and_scheduler`
+does both halves when ``args.world_size > 1``: it marks the model as already prepared for accelerate
+(``model._is_accelerate_prepared = True``: Trainer's ``accelerator.prepare`` then neither wraps it in
+DDP nor moves it, so put the model on ``args.device`` before calling it), and it lets Trainer's
+accumulation decide which backward synchronizes (accelerate's ``GradientState.sync_gradients``, set
+by Trainer for the last micro-batch of each optimizer step): one gradient synchronization per
+optimizer step, of the active group only. Trainer shards the data over the processes as usual, and
+clips the synchronized gradients. Not supported yet under Trainer: ``shard_state=True`` (Trainer
+clips with torch's clip_grad_norm_ and saves the optimizer on rank 0 alone; use ``hift-ext
+finetune --shard-state``) and ``fp16``/``bf16`` autocast (accelerate applies it while preparing the
+model; load the model in bfloat16 instead: HiFT keeps fp32 master weights).
 """
 from __future__ import annotations
 
@@ -44,7 +59,8 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-__all__ = ["create_hift_optimizer_and_scheduler", "num_training_steps", "HiFTCallback", "OPTIMIZERS"]
+__all__ = ["create_hift_optimizer_and_scheduler", "num_training_steps", "HiFTCallback", "OPTIMIZERS",
+           "keep_out_of_ddp"]
 
 OPTIMIZERS = ("adamw", "adagrad", "sgd")
 
@@ -60,11 +76,15 @@ def _optimizer_class(name: str):
 
 
 def num_training_steps(args, num_examples: int) -> int:
-    """Optimizer steps Trainer takes for ``num_examples`` training examples on one process."""
+    """Optimizer steps Trainer takes for ``num_examples`` training examples, on ``args.world_size``
+    processes (accelerate gives each process every N-th batch, padding the last round)."""
     if getattr(args, "max_steps", -1) and args.max_steps > 0:
         return int(args.max_steps)
     batch = args.per_device_train_batch_size * max(1, getattr(args, "n_gpu", 1) or 1)
     n_batches = len(range(0, num_examples, batch)) if not args.dataloader_drop_last else num_examples // batch
+    world = max(1, int(getattr(args, "world_size", 1) or 1))
+    if world > 1:  # batches per process
+        n_batches = n_batches // world if args.dataloader_drop_last else math.ceil(n_batches / world)
     per_epoch = max(1, math.ceil(n_batches / args.gradient_accumulation_steps))
     return int(math.ceil(args.num_train_epochs * per_epoch))
 
@@ -111,12 +131,67 @@ def create_hift_optimizer_and_scheduler(
     kw.update(optimizer_kwargs)
     _check_hparams(kw, args, optimizer_kwargs)
     check_hold(lr_hold)  # before the optimizer freezes anything
+    world = _world_size(args)
+    if world > 1:
+        _check_distributed(args, kw)
     opt = cls(model, group_size=group_size, strategy=strategy,
               seed=args.seed if seed is None else seed, steps_per_group=steps_per_group, offload=offload, **kw)
+    if opt.data_parallel is not None:
+        keep_out_of_ddp(model)
+        sync = _trainer_sync_flag()
+        if sync is not None:
+            opt.data_parallel.should_sync = sync
     name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     sched = get_scheduler(name, opt, num_warmup_steps=args.get_warmup_steps(num_training_steps),
                           num_training_steps=num_training_steps, hold=lr_hold, **(args.lr_scheduler_kwargs or {}))
     return opt, sched
+
+
+def _world_size(args) -> int:
+    """Processes of the launch; reading ``args.device`` first makes TrainingArguments join them."""
+    try:
+        args.device  # noqa: B018 - sets up the process group under torchrun / accelerate launch
+    except Exception:  # noqa: BLE001 - e.g. a mock without devices
+        pass
+    return max(1, int(getattr(args, "world_size", 1) or 1))
+
+
+def _check_distributed(args, kw: dict) -> None:
+    if kw.get("shard_state"):
+        raise ValueError(
+            "shard_state=True is not supported under transformers.Trainer yet: Trainer clips the gradients "
+            "with torch's clip_grad_norm_ (each rank would see its part of them only) and saves the optimizer "
+            "on rank 0 alone (the sharded state_dict is a collective). Leave shard_state off with Trainer "
+            "(the optimizer state is replicated), or use `hift-ext finetune --shard-state`")
+    if getattr(args, "fp16", False) or getattr(args, "bf16", False):
+        raise ValueError(
+            "fp16/bf16 autocast under Trainer on several processes is not supported with HiFT yet: the model "
+            "is kept out of accelerate's preparation (no DDP), which is where the autocast is applied. Load "
+            "the model in bfloat16 instead (model.to(torch.bfloat16): HiFT keeps fp32 master weights) and "
+            "leave args.fp16/bf16 off")
+
+
+def keep_out_of_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep ``model`` out of accelerate's DDP wrapping: the HiFT optimizer synchronizes it. Marks the
+    model as prepared, so ``accelerator.prepare`` returns it as it is (no DDP, no device move, no
+    autocast); called by :func:`create_hift_optimizer_and_scheduler` on several processes."""
+    model._is_accelerate_prepared = True
+    return model
+
+
+def _trainer_sync_flag():
+    """accelerate's GradientState.sync_gradients (Trainer sets it for each micro-batch: True for the
+    last one of an optimizer step, also a shorter last one of an epoch), or None without accelerate."""
+    try:
+        from accelerate.state import GradientState
+    except ImportError:  # pragma: no cover
+        return None
+    state = GradientState()
+
+    def should_sync() -> bool:
+        return bool(getattr(state, "sync_gradients", True))
+
+    return should_sync
 
 
 _ARG_NAMES = {"lr": "args.learning_rate", "weight_decay": "args.weight_decay", "eps": "args.adam_epsilon"}
