@@ -504,6 +504,13 @@ class DataParallel:
         if g != self._active():
             return  # a group HiFT does not train now (the user switched requires_grad on)
         if not self._in_backward:
+            if self.shard and self.synced:
+                raise RuntimeError(
+                    f"{self.owner}: backward() after the gradients were synchronized, without step() or "
+                    "zero_grad(): with shard_state=True each rank holds only its part of the synchronized "
+                    "gradient, so accumulating more into it would be wrong. Run the micro-batches that only "
+                    "accumulate inside optimizer.no_sync() (or set accumulation_steps), so that only the last "
+                    "backward synchronizes")
             self._in_backward = True
             self._micro += 1
             self.synced = False
@@ -555,7 +562,7 @@ class DataParallel:
             if grad is None:
                 buf[off: off + n].zero_()
             else:
-                buf[off: off + n].copy_(grad.detach().reshape(-1), non_blocking=True)
+                buf[off: off + n].copy_(grad.detach().reshape(-1), non_blocking=grad.device == buf.device)
         if bucket.padded > bucket.numel:
             buf[bucket.numel:].zero_()
         buf.div_(self.world_size)  # the average, divided before the sum (as DDP: no fp16 overflow)

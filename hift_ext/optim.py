@@ -1627,7 +1627,12 @@ def _hift_doc(base: str) -> str:
         "offload (default: True when the parameters are on CUDA) keeps every group's optimizer state "
         "in host memory and streams only the active group's state to the device. One param_group per HiFT group (bottom to top, "
         "key 'hift_group'); each step() updates only the active group with the base optimizer's "
-        "math and that group's own step count, then switches to the next group (after K steps)."
+        "math and that group's own step count, then switches to the next group (after K steps). "
+        "Data parallel (``process_group=None, shard_state=False, bucket_cap_mb=25, accumulation_steps=1, "
+        "comm_timeout=None``): with torch.distributed initialized on more than one rank the optimizer "
+        "averages the active group's gradients over the ranks itself (no DDP wrapper; see "
+        "hift_ext.distributed), ``no_sync()`` / ``accumulation_steps`` skip synchronizing micro-batches "
+        "that only accumulate, ``shard_state=True`` keeps 1/N of the state and fp32 masters per rank."
     )
 
 

@@ -130,6 +130,20 @@ def case_accum(rank, world, out, phase):
     for mode in ("no_sync", "accumulation_steps", "sync_in_step"):
         run(mode)
     run("accumulation_steps", shard=True)
+    # sharded: a second backward after a synchronizing one (no no_sync) is refused, on every rank
+    model = MLP(seed=0)
+    opt = FusedHiFTAdamW(model.groups(), lr=1e-2, shard_state=True)
+    x, y = local_batch(0, rank, world)
+    loss_fn(model, x[:half], y[:half]).backward()
+    try:
+        loss_fn(model, x[half:], y[half:]).backward()
+        res["twice"] = ""
+    except RuntimeError as exc:
+        res["twice"] = str(exc)
+    opt.zero_grad()
+    loss_fn(model, x, y).backward()  # and the optimizer still works afterwards
+    opt.step()
+    res["after_twice"] = params_of(model)
     return res
 
 

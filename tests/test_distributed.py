@@ -99,6 +99,9 @@ def test_no_sync_and_accumulation_steps(tmp_path):
     _equal(base, r[0]["accumulation_steps-False"], "accumulation_steps:")
     _equal(base, r[0]["sync_in_step-False"], "sync in step():")
     _equal(base, r[0]["accumulation_steps-True"], "sharded:")
+    for i in range(2):
+        assert "optimizer.no_sync()" in r[i]["twice"], r[i]["twice"]
+    _equal(r[0]["after_twice"], r[1]["after_twice"], "after the refused backward:")
     # one process, the whole global batch at once
     from hift_ext.optim import FusedHiFTAdamW
 
