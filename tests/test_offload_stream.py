@@ -329,6 +329,7 @@ def test_injected_copy_failure_loses_no_state(kind):
     _train(ref_model, ref, batches[:k + 1])
     _train(model, opt, batches[:k])
     if kind == "h2d":  # the prefetch of the next group, started by this step, fails
+        opt.offload_engine.synchronize()  # (not the prefetch of this step's group, still in flight)
         opt.offload_engine.inject_fault(kind, 0)
     _train(model, opt, batches[k:k + 1])
     good = copy.deepcopy(opt.state_dict())
