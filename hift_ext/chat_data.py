@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -226,6 +226,14 @@ class ChatDataset:
             mask[r, : len(seq)] = 1
             labels[r, self.n_prompt[i]: len(seq)] = seq[self.n_prompt[i]:]
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def features(self) -> List[Dict[str, List[int]]]:
+        """One dict per example with ``input_ids``, ``attention_mask`` and ``labels`` (the prompt
+        masked with -100): a training set for transformers' Trainer with
+        ``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``, which pads the labels with
+        -100 as well."""
+        return [{"input_ids": list(s), "attention_mask": [1] * len(s),
+                 "labels": [IGNORE_INDEX] * p + list(s[p:])} for s, p in zip(self.input_ids, self.n_prompt)]
 
     def batches(self, order: Sequence[int], batch_size: int) -> List[List[int]]:
         """Length-grouped batches: the (shuffled) order is cut into chunks of ``chunk`` batches,

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         v = getattr(d, name)
         v_lm = lm.defaults.get(name, v)
         show = lambda x: "all" if x is None else str(x)  # noqa: E731
-        return show(v) + (f"; causal-lm: {show(v_lm)}" if v_lm != v else "")
+        return show(v) + (f"] [causal-lm: {show(v_lm)}" if v_lm != v else "")  # "[default: 64] [causal-lm: 512]"
 
     p = argparse.ArgumentParser(prog=PROG, description="HiFT: hierarchical full-parameter fine-tuning "
                                 "with fused optimizer kernels.")
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gr = sub.add_parser("groups", help="print a model's HiFT layer groups (describe_groups)")
     gr.add_argument("--model", metavar="PATH", default=None,
-                    help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
+                    help="transformers checkpoint directory, .gguf file or model package [default: packaged "
+                    "all-MiniLM-L6-v2]")
     gr.add_argument("--group-size", type=_positive_int, default=d.group_size, metavar="M",
                     help="layer units per group [default: finetune's, %(default)s]")
     return p
@@ -336,11 +337,9 @@ def cmd_bench(args, extra: Sequence[str]) -> int:
 # -------------------------------------------------------------------------------------- groups
 def cmd_groups(args) -> int:
     from hift_ext.errors import UsageError
-    from hift_ext.train import resolve_model_path
 
     try:
-        path = resolve_model_path(args.model)
-        model = _load_any_model(path)
+        model = _load_any_model(args.model)
         from hift_ext.grouping import describe_groups
     except UsageError as exc:
         return _fail("groups", str(exc))
@@ -354,14 +353,23 @@ def cmd_groups(args) -> int:
     return 0
 
 
-def _load_any_model(path: str):
+def _load_any_model(spec: Optional[str]):
+    """The model ``--model`` names (a checkpoint directory, a GGUF file or a package; the packaged
+    MiniLM without one), with the head its config names."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     from hift_ext.errors import UsageError
+    from hift_ext.model_source import CLASSIFICATION, default_model, resolve_model
+    from hift_ext.tasks.common import quiet_transformers
 
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"--model {path}: not a transformers model directory (no config.json)")
+    if spec is not None and not os.path.exists(spec) and os.sep in spec:
+        raise UsageError(f"--model {spec}: not a transformers model directory (no config.json)")
+    src = resolve_model(spec) if spec is not None else default_model(CLASSIFICATION)
+    if src.is_gguf:
+        from hift_ext.tasks.causal_lm import load_causal_lm
+
+        return load_causal_lm(src)
+    path = src.path
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -370,13 +378,13 @@ def _load_any_model(path: str):
     order = [AutoModelForSequenceClassification, AutoModelForCausalLM, AutoModel]
     if any(a.endswith("ForCausalLM") for a in archs):
         order = [AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModel]
-    hf_logging.set_verbosity_error()
     last = None
-    for cls in order:
-        try:
-            return cls.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            last = exc
+    with quiet_transformers():
+        for cls in order:
+            try:
+                return cls.from_pretrained(path, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001
+                last = exc
     raise UsageError(f"--model {path}: cannot load the model ({last.__class__.__name__}: {last})")
 
 

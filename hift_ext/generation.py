@@ -9,7 +9,6 @@ tokenizer's end-of-sequence token or after ``max_new_tokens``.
 from __future__ import annotations
 
 import json
-import re
 from typing import Dict, List, Optional, Sequence
 
 import torch

@@ -106,7 +106,10 @@ def resolve_model(spec: str) -> ModelSource:
         if src is None:
             raise UsageError(f"--model {spec}: no config.json and no .gguf file in it, not a model directory")
         return src
-    pkg = _package_dir(spec) if os.sep not in spec else None
+    if os.sep in spec or spec.startswith("."):
+        raise UsageError(f"--model {spec}: not a directory (expected a transformers checkpoint directory, a "
+                         ".gguf file or the name of an installed model package)")
+    pkg = _package_dir(spec)
     if pkg is not None:
         for d in [pkg] + sorted(os.path.join(pkg, n) for n in os.listdir(pkg)
                                 if os.path.isdir(os.path.join(pkg, n)) and not n.startswith(("_", "."))):

@@ -786,7 +786,11 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
             raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
         # non-reentrant: HiFT freezes the layers below the active group, so a block's input may not
         # require grad; the reentrant variant would then drop the block's weight gradients
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # no KV cache in training forward passes (generation asks for it)
 
