@@ -14,7 +14,11 @@ benchmarks/results/sft-<device>.json and .png (dev loss against training wall-cl
     python benchmarks/bench_sft.py --configs "hift-adamw:lr=2e-4;hift-adamw:group_size=8" --sweep
     python benchmarks/bench_sft.py --plot-only                 # redraw the PNG from the JSON
 
-A config is NAME[:key=value,...] with NAME in untrained, full-adamw, full-adagrad, full-sgd, hift-adamw,
+`speed` times full fine-tuning and HiFT-AdamW side by side in one process (alternating steps on the
+same batches over whole HiFT cycles): the tokens/s ratio both runs' own clocks give is only fair when
+the machine's load stays the same across the runs.
+
+A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...); the
 rest is the causal-lm task's defaults. Runs already in the JSON with identical settings are skipped
 unless --rerun; --sweep files runs under "sweep" instead of "runs".
@@ -38,7 +42,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DEFAULT_CONFIGS = ("untrained", "full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
+DEFAULT_CONFIGS = ("untrained", "speed", "full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
 TARGET_LOSS_GAP_PCT = 2.0
 TARGET_SPEEDUP = 1.5
 
@@ -58,7 +62,9 @@ def parse_config(spec: str, common: dict) -> dict:
 
     name, _, rest = spec.partition(":")
     settings = dict(common)
-    if name != "untrained":
+    if name == "speed":  # full vs HiFT-AdamW side by side: HiFT's settings
+        settings.update(full=False, optimizer="adamw")
+    elif name != "untrained":
         mode, _, opt = name.partition("-")
         if mode not in ("full", "hift") or opt not in ("adamw", "adagrad", "sgd"):
             raise SystemExit(f"bench_sft: bad config {spec!r}: NAME is untrained, or full-|hift- + adamw|adagrad|sgd")
@@ -70,7 +76,7 @@ def parse_config(spec: str, common: dict) -> dict:
             raise SystemExit(f"bench_sft: unknown setting {k!r} in {spec!r}")
         n = _num(v)
         settings[k] = v if n is None else n
-    if name != "untrained":
+    if name not in ("untrained",):
         cfg = TrainConfig.for_task("causal-lm", **settings)
         settings["lr"] = cfg.resolved_lr()
         settings["group_size"] = cfg.group_size
@@ -113,6 +119,52 @@ def run_untrained(s: dict, log) -> dict:
             "peak_memory_kind": kind, "samples": em["samples"][:5]}
 
 
+def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
+    """Training tokens/s of full fine-tuning (torch AdamW) and HiFT-AdamW measured side by side in one
+    process: the two models take steps in alternation on the same batches (who goes first alternates),
+    over whole HiFT cycles, so both see the same machine load. Each step is what the loop does:
+    forward, backward, clipping, optimizer step, zero_grad."""
+    import copy
+
+    import torch
+
+    from hift_ext.data import epoch_permutation
+    from hift_ext.tasks import get_task
+    from hift_ext.train import TrainConfig, _total_grad_norm, make_optimizer
+
+    cfg = TrainConfig.for_task("causal-lm", **s)
+    task = get_task("causal-lm")
+    tr, ev = task.data_paths(cfg)
+    built = task.build(cfg, task.load_data(cfg, tr, ev), log)
+    models = {"full": built.model, "hift": copy.deepcopy(built.model)}
+    for m in models.values():
+        m.train()
+    opts = {"full": torch.optim.AdamW([p for p in models["full"].parameters()], lr=cfg.resolved_lr(),
+                                      weight_decay=cfg.weight_decay),
+            "hift": make_optimizer(cfg, models["hift"])}
+    k = opts["hift"].num_groups
+    ds = built.train_ds
+    batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
+    n = pairs_per_group * k
+    times = {"full": 0.0, "hift": 0.0}
+    tokens = 0
+    for i in range(n):
+        batch = ds.collate(batches[i % len(batches)])
+        tokens += int(batch["attention_mask"].sum())
+        for mode in (("full", "hift") if i % 2 == 0 else ("hift", "full")):
+            model, opt = models[mode], opts[mode]
+            t0 = time.perf_counter()
+            model(**batch).loss.backward()
+            _total_grad_norm(list(model.parameters()), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[mode] += time.perf_counter() - t0
+        log(f"pair {i + 1}/{n}: full {times['full']:.1f}s, hift {times['hift']:.1f}s")
+    return {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
+            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
+            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"]}
+
+
 def run_training(s: dict, log) -> dict:
     from hift_ext.train import TrainConfig, run_finetune
 
@@ -135,7 +187,9 @@ def child(spec_json: str, out_path: str) -> int:
         torch.set_num_threads(int(s["threads"]))
     log = lambda msg: print(f"   [{spec['name']}] {msg}", flush=True)  # noqa: E731
     t0 = time.time()
-    rec = run_untrained(s, log) if spec["name"].split(":")[0] == "untrained" else run_training(s, log)
+    kind = spec["name"].split(":")[0]
+    rec = (run_untrained(s, log) if kind == "untrained" else run_speed(s, log) if kind == "speed"
+           else run_training(s, log))
     rec.update(name=spec["name"], settings=spec["settings"], wall_s=time.time() - t0,
                finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
     try:
@@ -189,6 +243,10 @@ def compare(result: dict) -> dict:
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
+    speed = runs.get("speed")
+    if speed:  # the fair ratio: both measured side by side in one process
+        c["speedup_side_by_side"] = speed["speedup"]
+        c["speedup_target_met"] = speed["speedup"] >= TARGET_SPEEDUP
     if base:
         c["exact_match_untrained"] = base["exact_match"]
         c["exact_match_full"] = full.get("exact_match")
@@ -203,6 +261,11 @@ def fmt_table(result: dict) -> str:
              "opt state")]
     for r in result.get("runs", []) + result.get("sweep", []):
         sweep = r in result.get("sweep", [])
+        if r["mode"] == "speed":
+            rows.append((r["name"], "-", f"{r['num_groups']}x{r['group_size']}", "(side by side, same batches)", "-",
+                         "-", f"full {r['full_tokens_per_s']:.1f} / HiFT {r['hift_tokens_per_s']:.1f}",
+                         f"{r['speedup']:.2f}x", "-", "-"))
+            continue
         em = "-" if r.get("exact_match") is None else \
             f"{100 * r['exact_match']:.1f}% ({r['exact_match_correct']}/{r['exact_match_examples']})"
         peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r.get("peak_memory_bytes") else "-"
@@ -228,8 +291,8 @@ def plot(result: dict, png: str) -> None:
     except ImportError:
         print("bench_sft: matplotlib missing, no PNG", file=sys.stderr)
         return
-    runs = [r for r in result.get("runs", []) if r["mode"] != "untrained"]
-    sweep = [r for r in result.get("sweep", []) if r["mode"] != "untrained"]
+    runs = [r for r in result.get("runs", []) if r["mode"] not in ("untrained", "speed")]
+    sweep = [r for r in result.get("sweep", []) if r["mode"] not in ("untrained", "speed")]
     base = next((r for r in result.get("runs", []) if r["mode"] == "untrained"), None)
     if not runs and not sweep:
         return
