@@ -259,7 +259,7 @@ def test_chat_data_trains_and_the_task_is_taken_from_the_model(tiny_llama_dir, t
                                "--output", str(tmp_path / "o"), "--no-save-model"], capsys)
     assert rc == 0, err  # no --task: a ...ForCausalLM checkpoint is a causal-lm job
     m = json.load(open(tmp_path / "o" / "metrics.json"))
-    assert m["task"] == "causal-lm" and m["exact_match_examples"] == 8  # causal-lm's default --eval-generate 50
+    assert m["task"] == "causal-lm" and m["exact_match_examples"] == 8  # default --eval-generate: all 8
 
 
 @needs_kernels

@@ -134,8 +134,8 @@ class CausalLMTask(Task):
     # Sized so `hift-ext finetune --task causal-lm` finishes in about 15 minutes on the 2-core CPU
     # development machine; group size, strategy and LRs from benchmarks/bench_sft.py's sweep.
     defaults: Dict[str, Any] = {
-        "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 200,
-        "max_eval_examples": 100, "eval_generate": 50, "max_new_tokens": 256,
+        "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
+        "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256,
         "group_size": 4, "strategy": "up2down",
     }
     default_lrs = {
