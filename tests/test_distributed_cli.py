@@ -5,6 +5,9 @@
   and still takes part), rank 0 alone writes the outputs, evaluation is split and summed;
 * a run stopped on 2 processes with --shard-state resumes on 2 processes bitwise equal to the
   uninterrupted replicated run; resuming it in one process is refused with the fix;
+* the causal-lm job on 2 processes (tiny LLaMA, length-grouped batches split unevenly in response
+  tokens) trains as one process with the global batch: each rank's loss is weighted by its share of
+  the response tokens; dev loss and generation are split over the ranks and gathered;
 * Trainer on 2 processes (the model kept out of DDP, HiFT synchronizing) trains as one process with
   the global batch.
 """
@@ -18,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from _causal_testutil import gsm8k_small, lm_args, tiny_llama_dir  # noqa: F401  (fixtures)
 from _dist_testutil import REPO, TESTS, load, rank_env, run_processes
 from _finetune_testutil import TOKENIZER_FILES, _minilm_dir, needs_kernels, run_cli
 from hift_ext.data import shipped_sst2
@@ -113,6 +117,27 @@ def test_finetune_under_torchrun_equals_one_process_and_resumes(model_and_data, 
     # in one process the run cannot continue (its global batch would change)
     rc, _, err = run_cli(["finetune", "--resume", b, "--output", str(tmp_path / "c"), "--no-progress"], capsys)
     assert rc == 2 and "trained on 2 process(es)" in err and "torchrun --nproc-per-node 2" in err, err
+
+
+def test_causal_lm_under_torchrun_equals_one_process(tiny_llama_dir, gsm8k_small, tmp_path, capsys):
+    a, one = str(tmp_path / "a"), str(tmp_path / "one")
+    common = ("--epochs", "2", "--group-size", "1", "--lr", "1e-2", "--threads", "1", "--eval-generate", "3",
+              "--max-new-tokens", "8")
+    rc, out = _torchrun(lm_args(tiny_llama_dir, gsm8k_small, *common, "--output", a, "--batch-size", "3"))
+    assert rc == 0, out[-4000:]
+    rc, _, err = run_cli(lm_args(tiny_llama_dir, gsm8k_small, *common, "--output", one, "--batch-size", "6"), capsys)
+    assert rc == 0, err
+    ma, m1 = _model(a), _model(one)
+    for k in ma:  # the same training to rounding (token-weighted ranks = one token-mean loss)
+        torch.testing.assert_close(ma[k], m1[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    ra, r1 = (json.load(open(os.path.join(d, "metrics.json"))) for d in (a, one))
+    assert abs(ra["eval_loss"] - r1["eval_loss"]) < 1e-5
+    assert (ra["exact_match_examples"], ra["exact_match_correct"]) == \
+        (r1["exact_match_examples"], r1["exact_match_correct"]) and ra["exact_match_examples"] == 3
+    assert ra["train_tokens"] == r1["train_tokens"] > 0
+    sa, s1 = ([json.loads(x) for x in open(os.path.join(d, "samples.jsonl"))] for d in (a, one))
+    assert [x["line"] for x in sa] == [x["line"] for x in s1] and len(sa) == 3  # gathered from both ranks
+    assert [x["generated"] for x in sa] == [x["generated"] for x in s1]
 
 
 def test_trainer_under_torchrun_keeps_the_model_out_of_ddp(tmp_path):

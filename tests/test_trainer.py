@@ -241,3 +241,39 @@ def test_non_finite_hyperparameters_are_refused(tmp_path, kw, name):
     with pytest.raises(ValueError, match=r"momentum \(keyword argument\) must be"):
         create_hift_optimizer_and_scheduler(tiny_bert(), make_args(tmp_path), 10, optimizer="sgd",
                                             momentum=float("nan"))
+
+
+def test_llama_instruction_tuning_with_seq2seq_collator(tmp_path):
+    """The README's Trainer recipe for causal LMs: chat-rendered examples from hift_ext.chat_data,
+    prompt tokens masked with -100, DataCollatorForSeq2Seq padding the labels with -100 too; HiFT
+    trains one group per step and the loss is the response tokens' only."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from _causal_testutil import make_tiny_llama, make_tokenizer
+    from hift_ext.chat_data import ChatExample, ChatExamples, encode_chat
+    from hift_ext.integrations.transformers import (HiFTCallback, create_hift_optimizer_and_scheduler,
+                                                    num_training_steps)
+
+    tok = make_tokenizer()
+    rows = [ChatExample(i + 1, f"{i} + {i} = {2 * i}\n#### {2 * i}", prompt=f"What is {i} + {i}?" + " Think." * (i % 4))
+            for i in range(16)]
+    ds = encode_chat(tok, ChatExamples("mem", rows), max_length=128)
+    feats = ds.features()
+    collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
+    batch = collator(feats[:4])
+    for r in range(4):  # labels: -100 over the prompt and the padding, the tokens over the response
+        n, p = len(ds.input_ids[r]), ds.n_prompt[r]
+        assert (batch["labels"][r, :p] == -100).all() and (batch["labels"][r, n:] == -100).all()
+        assert torch.equal(batch["labels"][r, p:n], batch["input_ids"][r, p:n])
+    model = make_tiny_llama(len(tok))
+    args = make_args(tmp_path, max_steps=6, lr_scheduler_type="constant", warmup_steps=0, remove_unused_columns=False)
+    opt, sched = create_hift_optimizer_and_scheduler(model, args, num_training_steps(args, len(feats)),
+                                                     group_size=1, strategy="up2down")
+    before = snapshot(model)
+    out = Trainer(model=model, args=args, train_dataset=feats, data_collator=collator, optimizers=(opt, sched),
+                  callbacks=[HiFTCallback()]).train()
+    assert math.isfinite(out.training_loss) and opt.hift_position == 6
+    after = snapshot(model)
+    changed = {g.index for g in opt.groups
+               if any(not torch.equal(before[n], after[n]) for n in g.param_names if n in before)}
+    assert changed == set(range(opt.num_groups))  # up2down over 4 groups, 6 steps: every group

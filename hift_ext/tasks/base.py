@@ -1,0 +1,65 @@
+"""The task interface of ``hift-ext finetune``: what differs between tasks, behind one loop.
+
+:mod:`hift_ext.train` runs one training loop for every task (gradient accumulation, clipping, the
+delayed LR, AMP, non-finite skipping, checkpoints, reports). A :class:`Task` supplies the rest:
+
+* ``defaults`` / ``default_lrs``: the TrainConfig values the task's job is tuned for;
+* :meth:`data_paths` and :meth:`load_data`: the shipped data and the file reader (parsing only,
+  so bad data is reported before a model is loaded);
+* :meth:`build`: tokenizer, model and the tokenized datasets (objects with ``__len__``,
+  ``batches(order, batch_size)``, ``collate(idx)`` and ``input_ids``), as a :class:`Built`;
+* :meth:`evaluate`, :meth:`eval_message`, :meth:`final_metrics`, :meth:`summary_rows` and
+  ``plot_eval``: what an evaluation measures and how it is reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["Task", "Built"]
+
+
+@dataclass
+class Built:
+    model: Any
+    tokenizer: Any
+    train_ds: Any
+    eval_ds: Optional[Any]
+    model_path: str  # what config.json records and --overwrite must not delete
+    config_extra: Dict[str, Any] = field(default_factory=dict)  # task facts for config.json
+
+
+class Task:
+    name: str = ""
+    defaults: Dict[str, Any] = {}  # TrainConfig fields that differ from the dataclass defaults
+    default_lrs: Dict[Tuple[str, str], float] = {}  # (mode, optimizer) -> lr
+    rate_unit: str = "ex"  # the progress bar's speed: examples/s or tokens/s
+    plot_eval: Tuple[str, str, float] = ("eval_accuracy", "eval accuracy (%)", 100.0)  # key, label, scale
+
+    def default_model_name(self) -> str:
+        raise NotImplementedError
+
+    def data_paths(self, cfg) -> Tuple[str, Optional[str]]:
+        raise NotImplementedError
+
+    def load_data(self, cfg, train_path: str, eval_path: Optional[str]) -> Any:
+        raise NotImplementedError
+
+    def build(self, cfg, data: Any, log: Callable[[str], None]) -> Built:
+        raise NotImplementedError
+
+    def evaluate(self, built: Built, cfg, device, autocast, *, final: bool,
+                 ranks=None) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """(the eval record for metrics.jsonl, {file name in OUTPUT: text} to write, e.g. samples).
+        Under torchrun (``ranks``, a :class:`hift_ext.distributed.Ranks`) every rank calls it: each
+        evaluates its share and the figures are summed over the ranks; rank 0 writes the files."""
+        raise NotImplementedError
+
+    def eval_message(self, ev: Dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def final_metrics(self, evals: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def summary_rows(self, m: Dict[str, Any]) -> List[Tuple[str, str]]:
+        raise NotImplementedError
