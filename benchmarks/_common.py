@@ -158,3 +158,18 @@ def have_matplotlib() -> bool:
         return True
     except ImportError:
         return False
+
+
+def pyplot(who: str):
+    """matplotlib.pyplot on the file-only Agg backend, or None (and a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+
+        print(f"{who}: matplotlib missing, no PNG", file=sys.stderr)
+        return None
+    return plt

@@ -128,9 +128,10 @@ def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
 
     import torch
 
+    from _side_by_side import rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
-    from hift_ext.train import TrainConfig, _total_grad_norm, make_optimizer
+    from hift_ext.train import TrainConfig, make_optimizer
 
     cfg = TrainConfig.for_task("causal-lm", **s)
     task = get_task("causal-lm")
@@ -145,21 +146,11 @@ def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
     k = opts["hift"].num_groups
     ds = built.train_ds
     batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
-    n = pairs_per_group * k
-    times = {"full": 0.0, "hift": 0.0}
-    tokens = 0
-    for i in range(n):
-        batch = ds.collate(batches[i % len(batches)])
-        tokens += int(batch["attention_mask"].sum())
-        for mode in (("full", "hift") if i % 2 == 0 else ("hift", "full")):
-            model, opt = models[mode], opts[mode]
-            t0 = time.perf_counter()
-            model(**batch).loss.backward()
-            _total_grad_norm(list(model.parameters()), cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times[mode] += time.perf_counter() - t0
-        log(f"pair {i + 1}/{n}: full {times['full']:.1f}s, hift {times['hift']:.1f}s")
+    n = pairs_per_group * k * cfg.steps_per_group  # whole HiFT cycles
+    order = [ds.collate(batches[i % len(batches)]) for i in range(n)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in order)
+    times = rotate({mode: (lambda b, m=models[mode], o=opts[mode]: train_step(m, o, b, cfg.max_grad_norm))
+                    for mode in ("full", "hift")}, order, log)
     return {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
             "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
             "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"]}
@@ -290,13 +281,10 @@ def fmt_table(result: dict) -> str:
 
 
 def plot(result: dict, png: str) -> None:
-    try:
-        import matplotlib
+    from _common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench_sft: matplotlib missing, no PNG", file=sys.stderr)
+    plt = pyplot("bench_sft")
+    if plt is None:
         return
     runs = [r for r in result.get("runs", []) if r["mode"] not in ("untrained", "speed")]
     sweep = [r for r in result.get("sweep", []) if r["mode"] not in ("untrained", "speed")]

@@ -11,6 +11,15 @@ training examples/s side by side, and writes benchmarks/results/sst2-<device>.js
     python benchmarks/bench_sst2.py --configs hift-adamw:lr=5e-4,group_size=2 --sweep
     python benchmarks/bench_sst2.py --sweep --configs "hift-adamw:steps_per_group=4;hift-adamw:steps_per_group=4,lr_hold=visit"
     python benchmarks/bench_sst2.py --plot-only            # redraw the PNG from the JSON
+    python benchmarks/bench_sst2.py --speed "full-adamw;hift-adamw;hift-adamw:steps_per_group=2"
+    python benchmarks/bench_sst2.py --study "hift-adamw:steps_per_group=2"
+
+--speed times the configs side by side in one process (steps in rotation on the same batches, so a
+loaded machine slows them alike) and files the seconds per step under "speed". --study compares a
+HiFT config with full fine-tuning over every seed measured of both (records whose resolved
+settings differ only in the seed): equal epochs, and equal wall-clock time on the --speed clock
+(full fine-tuning's accuracy interpolated between its epochs at HiFT's training time); it writes
+"study" into the JSON and <out>-study.png (accuracy against time).
 
 A config is NAME[:key=value,...] with NAME in full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, epochs,
@@ -31,8 +40,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _p in (REPO, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -89,7 +99,7 @@ def parse_config(spec: str, common: dict) -> dict:
         default = fields[k].default
         settings[k] = (v if isinstance(default, str) or default is None and not _num(v) else
                        (v.lower() in ("1", "true", "yes") if isinstance(default, bool) else _num(v)))
-    cfg = TrainConfig(**settings)
+    cfg = TrainConfig.for_task("classification", **settings)
     settings["lr"] = cfg.resolved_lr()
     settings["name"] = spec
     return settings
@@ -107,7 +117,7 @@ def _num(v: str):
 
 def run_one(settings: dict) -> dict:
     s = {k: v for k, v in settings.items() if k != "name"}
-    cfg = TrainConfig(progress=sys.stderr.isatty(), **s)
+    cfg = TrainConfig.for_task("classification", progress=sys.stderr.isatty(), **s)
     t0 = time.time()
     m = run_finetune(cfg, log=lambda msg: print("   ", msg, flush=True))
     keep = ("eval_accuracy", "eval_loss", "eval_history", "train_examples_per_s", "train_time_s",
@@ -159,6 +169,136 @@ def compare(result: dict) -> dict:
     return c
 
 
+TRAINING_KEYS = ("full", "optimizer", "lr", "group_size", "strategy", "steps_per_group", "lr_hold", "epochs",
+                 "batch_size", "max_length", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm",
+                 "max_train_examples", "max_eval_examples")
+
+
+def resolved(settings: dict) -> tuple:
+    """A record's training configuration without the seed (what makes runs of one setting)."""
+    d = TrainConfig.for_task("classification", **{k: v for k, v in settings.items() if k != "name"}).to_dict()
+    return tuple((k, d.get(k)) for k in TRAINING_KEYS)
+
+
+def run_speed(settings: list, n_steps: int) -> dict:
+    """Seconds per training step of each config, measured side by side (see --speed)."""
+    import copy
+
+    from _side_by_side import rotate, train_step
+    from hift_ext.data import epoch_permutation
+    from hift_ext.tasks import get_task
+    from hift_ext.train import make_optimizer
+
+    task = get_task("classification")
+    cfgs = {st["name"]: TrainConfig.for_task("classification", **{k: v for k, v in st.items() if k != "name"})
+            for st in settings}
+    first = next(iter(cfgs.values()))
+    tr, ev = task.data_paths(first)
+    built = task.build(first, task.load_data(first, tr, ev), lambda m: None)
+    steps = {}
+    for name, cfg in cfgs.items():
+        if cfg.full and cfg.precision != "fp32":
+            raise SystemExit(f"bench_sst2 --speed: {name}: full fine-tuning in {cfg.precision} autocasts; "
+                             "time it with a training run")
+        torch.manual_seed(cfg.seed)
+        model = copy.deepcopy(built.model).to(dtype=cfg.weights_dtype).train()  # HiFT bf16/fp16: masters in the optimizer
+        opt = (torch.optim.AdamW(model.parameters(), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+               if cfg.full else make_optimizer(cfg, model))
+        steps[name] = lambda b, m=model, o=opt, c=cfg: train_step(m, o, b, c.max_grad_norm)
+    ds = built.train_ds
+    order = ds.batches(epoch_permutation(len(ds), first.seed, 0), first.batch_size)
+    batches = [ds.collate(order[i % len(order)]) for i in range(n_steps)]
+    seconds = rotate(steps, batches, lambda m: print("   ", m, flush=True))
+    return {"steps_each": n_steps, "batch_size": first.batch_size, "threads": torch.get_num_threads(),
+            "seconds_per_step": {n: s / n_steps for n, s in seconds.items()},
+            "settings": {n: {k: v for k, v in st.items() if k != "name"} for n, st in zip(cfgs, settings)},
+            "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _interp(points, t):
+    """Linear interpolation of (time, value) points at t (clamped to the ends)."""
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+    return points[-1][1]
+
+
+def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
+    """HiFT config ``hift_name`` against ``full_name`` over every seed measured of both."""
+    records = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("eval_history")
+               and not r.get("partial") and "seed" in (r.get("settings") or {})]
+    by_name = {r["name"]: r for r in records}
+    if hift_name not in by_name or full_name not in by_name:
+        raise SystemExit(f"bench_sst2 --study: no record named {hift_name!r} / {full_name!r}")
+    speed = result.get("speed", {})
+    clock = {}
+    for rec in speed.values():
+        for n, sec in rec["seconds_per_step"].items():
+            clock[resolved(rec["settings"][n])] = sec
+    per_seed = lambda key: {r["settings"]["seed"]: r for r in records if resolved(r["settings"]) == key}  # noqa: E731
+    hk, fk = resolved(by_name[hift_name]["settings"]), resolved(by_name[full_name]["settings"])
+    hift, full = per_seed(hk), per_seed(fk)
+    seeds = sorted(set(hift) & set(full))
+    if hk not in clock or fk not in clock:
+        raise SystemExit("bench_sst2 --study: time both configs with --speed first")
+    th, tf = clock[hk], clock[fk]
+    rows = {}
+    for sd in seeds:
+        h, f = hift[sd], full[sd]
+        spe = h["steps"] / h["epochs"]
+        f_pts = [(0.0, None)] + [(e["epoch"] * (f["steps"] / f["epochs"]) * tf, e["eval_accuracy"])
+                                 for e in f["eval_history"]]
+        h_time = h["steps"] * th
+        rows[str(sd)] = {
+            "hift": h["eval_accuracy"], "full": f["eval_accuracy"],
+            "hift_train_time_s": h_time, "full_train_time_s": f["steps"] * tf,
+            "full_at_hift_time": _interp(f_pts[1:], h_time) if h_time >= f_pts[1][0] else None,
+            "hift_history": [(e["epoch"] * spe * th, e["eval_accuracy"]) for e in h["eval_history"]],
+            "full_history": f_pts[1:]}
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    out = {"hift": hift_name, "full": full_name, "seeds": seeds,
+           "clock": {"hift_seconds_per_step": th, "full_seconds_per_step": tf, "speedup": tf / th,
+                     "note": "the --speed side-by-side clock: both configs' step times on the same batches"},
+           "per_seed": rows}
+    if seeds:
+        hm, fm = mean([rows[str(s)]["hift"] for s in seeds]), mean([rows[str(s)]["full"] for s in seeds])
+        at = [rows[str(s)]["full_at_hift_time"] for s in seeds]
+        fam = mean([a for a in at if a is not None]) if all(a is not None for a in at) else None
+        out.update(hift_mean=hm, full_mean=fm, equal_epochs_gap_points=100 * (fm - hm),
+                   equal_epochs_target_met=100 * (fm - hm) <= 0.5,
+                   full_mean_at_hift_time=fam,
+                   equal_time_target_met=fam is None or hm >= fam)
+    return out
+
+
+def plot_study(st: dict, png: str) -> None:
+    from _common import pyplot
+
+    plt = pyplot("bench_sst2")
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    seeds = [str(s) for s in st["seeds"]]
+    for key, color, label in (("full_history", "tab:gray", st["full"]), ("hift_history", "tab:blue", st["hift"])):
+        curves = [st["per_seed"][s][key] for s in seeds]
+        for c in curves:
+            ax.plot([t / 60 for t, _ in c], [100 * a for _, a in c], "-", color=color, alpha=0.25, lw=1)
+        n = min(len(c) for c in curves)
+        ax.plot([sum(c[i][0] for c in curves) / len(curves) / 60 for i in range(n)],
+                [100 * sum(c[i][1] for c in curves) / len(curves) for i in range(n)], "o-", color=color, lw=2.5,
+                label=f"{label}: mean of seeds {','.join(seeds)}")
+    ax.set_xlabel("training time on the side-by-side clock (min, 1 thread)")
+    ax.set_ylabel("SST-2 dev accuracy after each epoch (%)")
+    ax.set_title(f"accuracy vs wall-clock time (HiFT {st['clock']['speedup']:.2f}x steps/s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def fmt_table(result: dict) -> str:
     rows = [("run", "lr", "groups", "dev acc", "acc/epoch", "ex/s", "train time", "opt state (dev)")]
     for r in result.get("runs", []) + result.get("sweep", []):
@@ -178,13 +318,10 @@ def fmt_table(result: dict) -> str:
 
 def plot(result: dict, png: str) -> None:
     """Main runs: accuracy bars and accuracy-vs-time curves; the sweep: one sorted bar per setting."""
-    try:
-        import matplotlib
+    from _common import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench_sst2: matplotlib missing, no PNG", file=sys.stderr)
+    plt = pyplot("bench_sst2")
+    if plt is None:
         return
     done = lambda r: "mode" in r and not r.get("partial")  # noqa: E731
     runs = [r for r in result.get("runs", []) if done(r)]
@@ -247,6 +384,11 @@ def main(argv=None) -> int:
     p.add_argument("--rerun", action="store_true", help="rerun configs already in the JSON")
     p.add_argument("--out", default=None, help="JSON path [default: benchmarks/results/sst2-<device>.json]")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--speed", default=None, metavar="CONFIGS",
+                   help="time these configs side by side (';'-separated) instead of training them")
+    p.add_argument("--speed-steps", type=int, default=48, help="steps each config takes in --speed")
+    p.add_argument("--study", default=None, metavar="HIFT_CONFIG",
+                   help="compare this HiFT config with full-adamw over the seeds in the JSON (see above)")
     args = p.parse_args(argv)
 
     out = args.out or os.path.join(HERE, "results", f"sst2-{device_name()}.json")
@@ -260,10 +402,29 @@ def main(argv=None) -> int:
         plot(result, png)
         print(fmt_table(result))
         return 0
+    if args.study:
+        st = study(result, args.study)
+        result["study"] = st
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        plot_study(st, os.path.splitext(out)[0] + "-study.png")
+        print(json.dumps({k: v for k, v in st.items() if k != "per_seed"}, indent=2))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     common = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                   max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples)
+    if args.speed:
+        specs = [s.strip() for s in args.speed.split(";") if s.strip()]
+        rec = run_speed([parse_config(s, common) for s in specs], args.speed_steps)
+        rec["environment"] = environment()
+        result.setdefault("speed", {})[" | ".join(specs)] = rec
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        base = rec["seconds_per_step"][specs[0]]
+        for n, sec in rec["seconds_per_step"].items():
+            print(f"{n:45s} {sec:.3f} s/step  {base / sec:.2f}x {specs[0]}")
+        return 0
     specs = [s.strip() for s in args.configs.replace("\n", ";").split(";") if s.strip()]
     settings = [parse_config(s, common) for s in specs]
     key = "sweep" if args.sweep else "runs"

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from hift_ext.data import DataError
+from hift_ext.data import DataError, reading
 
 __all__ = ["ChatExample", "ChatExamples", "load_chat_examples", "render", "ChatDataset", "encode_chat",
            "gold_answer", "strip_calculator", "IGNORE_INDEX"]
@@ -158,22 +158,17 @@ def load_chat_examples(path: str, max_examples: Optional[int] = None) -> ChatExa
         raise DataError(f"{path}: causal-LM data is JSON lines (.jsonl): one {{\"prompt\": ..., \"response\": ...}}, "
                         "{\"question\": ..., \"answer\": ...} or {\"messages\": [...]} object a line")
     items: List[ChatExample] = []
-    try:
-        with open(path, "r", encoding="utf-8-sig") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
-                items.append(_parse(obj, path, lineno))
-                if max_examples is not None and len(items) >= max_examples:
-                    break
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with reading(path), open(path, "r", encoding="utf-8-sig") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
+            items.append(_parse(obj, path, lineno))
+            if max_examples is not None and len(items) >= max_examples:
+                break
     if not items:
         raise DataError(f"{path}: no examples found")
     return ChatExamples(path, items, uses_messages=any(e.messages is not None for e in items))

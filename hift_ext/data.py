@@ -15,6 +15,7 @@ The SST-2 split shipped inside the package is found with :func:`shipped_sst2`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -175,6 +176,17 @@ def _read_jsonl(path: str, fh) -> Iterator[Tuple[int, str, str]]:
         yield lineno, text, _label_str(obj[lkey], path, lineno)
 
 
+@contextlib.contextmanager
+def reading(path: str):
+    """Turns a file that cannot be read or decoded into a DataError naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
 def load_examples(path: str, max_examples: Optional[int] = None) -> Examples:
     """Read a tsv/csv/jsonl file of (text, label) examples; raises DataError on any problem."""
     path = os.fspath(path)
@@ -185,19 +197,14 @@ def load_examples(path: str, max_examples: Optional[int] = None) -> Examples:
     fmt = _fmt(path)
     reader = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl}[fmt]
     texts, labels, lines = [], [], []
-    try:
-        # utf-8-sig: a byte-order mark (Excel and Notepad write one) is not part of the first field
-        with open(path, "r", encoding="utf-8-sig", newline="" if fmt == "csv" else None) as fh:
-            for lineno, text, label in reader(path, fh):
-                texts.append(text)
-                labels.append(label)
-                lines.append(lineno)
-                if max_examples is not None and len(texts) >= max_examples:
-                    break
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    # utf-8-sig: a byte-order mark (Excel and Notepad write one) is not part of the first field
+    with reading(path), open(path, "r", encoding="utf-8-sig", newline="" if fmt == "csv" else None) as fh:
+        for lineno, text, label in reader(path, fh):
+            texts.append(text)
+            labels.append(label)
+            lines.append(lineno)
+            if max_examples is not None and len(texts) >= max_examples:
+                break
     if not texts:
         raise DataError(f"{path}: no examples found")
     return Examples(path, texts, labels, lines)

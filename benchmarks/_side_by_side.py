@@ -1,0 +1,40 @@
+"""Speed of several training setups measured side by side in one process.
+
+On a shared machine a run's own clock moves with the load other jobs put on it, so two runs timed
+one after the other (or even in parallel) are not comparable. Here the setups take training steps
+in rotation on the same batches (who goes first rotates too): every setup sees the same load, and
+the ratio of their times is the speed ratio. Each step is what the training loop does: forward,
+backward, gradient clipping, optimizer step, zero_grad."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+__all__ = ["train_step", "rotate"]
+
+
+def train_step(model, optimizer, batch: Dict[str, torch.Tensor], max_grad_norm: float) -> None:
+    from hift_ext.train import _total_grad_norm
+
+    model(**batch).loss.backward()
+    _total_grad_norm([p for p in model.parameters()], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def rotate(steps: Dict[str, Callable[[Dict[str, torch.Tensor]], None]], batches: Sequence[Dict[str, torch.Tensor]],
+           log: Callable[[str], None] = lambda m: None) -> Dict[str, float]:
+    """Seconds each of ``steps`` (name -> one training step on a batch) spent over ``batches``,
+    taking the steps in rotation on each batch."""
+    names: List[str] = list(steps)
+    seconds = {n: 0.0 for n in names}
+    for i, batch in enumerate(batches):
+        r = i % len(names)
+        for name in names[r:] + names[:r]:
+            t0 = time.perf_counter()
+            steps[name](batch)
+            seconds[name] += time.perf_counter() - t0
+        log(f"batch {i + 1}/{len(batches)}: " + ", ".join(f"{n} {s:.1f}s" for n, s in seconds.items()))
+    return seconds
