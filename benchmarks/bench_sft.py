@@ -81,6 +81,8 @@ def parse_config(spec: str, common: dict) -> dict:
         settings["lr"] = cfg.resolved_lr()
         settings["group_size"] = cfg.group_size
         settings["strategy"] = cfg.strategy
+        if not cfg.full:
+            settings["steps_per_group"] = cfg.resolved_steps_per_group()
     return {"name": spec, "settings": settings}
 
 

@@ -101,6 +101,8 @@ def parse_config(spec: str, common: dict) -> dict:
                        (v.lower() in ("1", "true", "yes") if isinstance(default, bool) else _num(v)))
     cfg = TrainConfig.for_task("classification", **settings)
     settings["lr"] = cfg.resolved_lr()
+    if not cfg.full:  # recorded resolved: records without it ran before K existed (K = 1)
+        settings["steps_per_group"] = cfg.resolved_steps_per_group()
     settings["name"] = spec
     return settings
 
@@ -176,7 +178,10 @@ TRAINING_KEYS = ("full", "optimizer", "lr", "group_size", "strategy", "steps_per
 
 def resolved(settings: dict) -> tuple:
     """A record's training configuration without the seed (what makes runs of one setting)."""
-    d = TrainConfig.for_task("classification", **{k: v for k, v in settings.items() if k != "name"}).to_dict()
+    s = {k: v for k, v in settings.items() if k != "name"}
+    if not s.get("full"):
+        s.setdefault("steps_per_group", 1)  # a record from before K existed
+    d = TrainConfig.for_task("classification", **s).to_dict()
     return tuple((k, d.get(k)) for k in TRAINING_KEYS)
 
 

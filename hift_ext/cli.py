@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         """The classification default, and causal-lm's where it differs."""
         v = getattr(d, name)
         v_lm = lm.defaults.get(name, v)
+        if name == "steps_per_group":  # a task attribute (HiFT only), not a TrainConfig value
+            v, v_lm = get_task("classification").default_steps_per_group, lm.default_steps_per_group
         show = lambda x: "all" if x is None else str(x)  # noqa: E731
         return show(v) + (f"] [causal-lm: {show(v_lm)}" if v_lm != v else "")  # "[default: 64] [causal-lm: 512]"
 
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"order in which groups are updated [default: {dflt('strategy')}]")
     o.add_argument("--steps-per-group", type=_positive_int, metavar="K", default=None,
                    help="optimizer steps on each group before switching to the next (block-coordinate "
-                   "HiFT; with offload a group's state moves once per K steps) "
+                   "HiFT; with offload a group's state moves once per K steps; --full: 1) "
                    f"[default: {dflt('steps_per_group')}]")
     lrs = "; ".join(t + ": " + ", ".join(f"{m}-{o_} {v:g}" for (m, o_), v in get_task(t).default_lrs.items())
                     for t in TASKS)

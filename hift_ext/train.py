@@ -105,8 +105,10 @@ class TrainConfig:
     group_size: int = 4
     strategy: str = "up2down"
     # consecutive optimizer steps on each group before switching (1: plain HiFT; K > 1: block-coordinate
-    # HiFT, and with offload a group's state crosses to the device once per K steps)
-    steps_per_group: int = 1
+    # HiFT, and with offload a group's state crosses to the device once per K steps). None: the task's
+    # default for HiFT (Task.default_steps_per_group: 2 for classification, from bench_sst2's sweep);
+    # --full takes 1
+    steps_per_group: Optional[int] = None
     epochs: int = 3
     lr: Optional[float] = None  # None: DEFAULT_LR[(mode, optimizer)]
     weight_decay: float = 0.01
@@ -178,6 +180,11 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else default_lr(self.mode, self.optimizer, self.resolved_task())
 
+    def resolved_steps_per_group(self) -> int:
+        if self.steps_per_group is not None:
+            return self.steps_per_group
+        return 1 if self.full else get_task(self.resolved_task()).default_steps_per_group
+
     def resolved_lr_hold(self) -> str:
         from hift_ext.lr import DEFAULT_HOLD
 
@@ -189,6 +196,7 @@ class TrainConfig:
         d["task"] = self.resolved_task()
         d["lr"] = self.resolved_lr()
         d["lr_hold"] = self.resolved_lr_hold()  # recorded resolved: a resume keeps the run's own rule
+        d["steps_per_group"] = self.resolved_steps_per_group()
         return d
 
     def validate(self) -> None:
@@ -206,11 +214,11 @@ class TrainConfig:
         if self.lr_hold is not None and self.lr_hold not in HOLDS:
             raise UsageError(f"lr_hold {self.lr_hold!r}: choose {', '.join(HOLDS)} (or None for the default)")
         try:
-            for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size", "steps_per_group",
+            for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size",
                          "logging_steps", "max_nonfinite_steps"):
                 hparams.check_int(flag(name), getattr(self, name), low=1)
             for name in ("max_steps", "max_train_examples", "max_eval_examples", "save_steps", "stop_after",
-                         "threads"):
+                         "threads", "steps_per_group"):
                 if getattr(self, name) is not None:
                     hparams.check_int(flag(name), getattr(self, name), low=1)
             hparams.check_int("--seed", self.seed, hparams.SEED_MIN, hparams.SEED_MAX)
@@ -227,7 +235,7 @@ class TrainConfig:
             raise UsageError(f"--full on {self.world_size} processes: hift-ext's data parallelism is HiFT's "
                              "(torch.optim full fine-tuning would need DDP); run --full in one process, or drop "
                              "--full")
-        if self.full and self.steps_per_group != 1:
+        if self.full and self.steps_per_group not in (None, 1):
             raise UsageError(f"--steps-per-group {self.steps_per_group} applies to HiFT only (--full updates "
                              "every parameter at every step); drop --full or --steps-per-group")
         if self.eval_generate and self.resolved_task() != "causal-lm":
@@ -303,11 +311,12 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         offload = next(model.parameters()).device.type == "cuda"
         try:
             return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
-                       steps_per_group=cfg.steps_per_group, offload=offload, **kw, **_data_parallel_kw(cfg))
+                       steps_per_group=cfg.resolved_steps_per_group(), offload=offload, **kw,
+                       **_data_parallel_kw(cfg))
         except NotImplementedError:  # an offload engine not available in this build
             offload = False
     return cls(model, group_size=group_size, strategy=cfg.strategy, seed=cfg.seed,
-               steps_per_group=cfg.steps_per_group, offload=offload, **kw, **_data_parallel_kw(cfg))
+               steps_per_group=cfg.resolved_steps_per_group(), offload=offload, **kw, **_data_parallel_kw(cfg))
 
 
 def _data_parallel_kw(cfg: TrainConfig) -> Dict[str, Any]:

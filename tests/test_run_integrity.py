@@ -255,7 +255,7 @@ def test_non_finite_loss_skips_the_step_and_training_continues(tiny_bert, small_
     out = str(tmp_path / "r")
     keep = []
     cfg = TrainConfig(model=tiny_bert, train=tr, eval=dev, batch_size=8, max_length=32, epochs=2,
-                      group_size=1, lr=1e-3, logging_steps=1, progress=False, output=out)
+                      group_size=1, steps_per_group=1, lr=1e-3, logging_steps=1, progress=False, output=out)
     m = run_finetune(cfg, optimizer_factory=nan_logits_factory({3, 4}, keep=keep), log=lambda s: None)
     opt = keep[0]
     # two batches were skipped: 10 batches -> 8 steps; the HiFT schedule advanced on those only

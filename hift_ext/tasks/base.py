@@ -33,6 +33,7 @@ class Task:
     name: str = ""
     defaults: Dict[str, Any] = {}  # TrainConfig fields that differ from the dataclass defaults
     default_lrs: Dict[Tuple[str, str], float] = {}  # (mode, optimizer) -> lr
+    default_steps_per_group: int = 1  # HiFT's consecutive steps per group (TrainConfig.steps_per_group=None)
     rate_unit: str = "ex"  # the progress bar's speed: examples/s or tokens/s
     plot_eval: Tuple[str, str, float] = ("eval_accuracy", "eval accuracy (%)", 100.0)  # key, label, scale
 
