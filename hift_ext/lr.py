@@ -71,6 +71,9 @@ HOLDS = ("cycle", "visit")
 #: The hold used when none is given (get_scheduler, DelayedLRScheduler, hift-ext finetune, the Trainer
 #: integration). "cycle" is the paper's rule and today's behaviour at K = 1; flip it here to change
 #: every entry point at once ("visit" at K = 1 holds nothing: the plain per-step schedule).
+#: Measured (bench_sst2, K = 2, seed 0): cycle 88.53% / visit 88.53%, no difference; "cycle" stays
+#: because every group of a cycle then trains with the same LR (a visit hold gives the later groups
+#: of each cycle systematically smaller ones) and old K = 1 runs resume unchanged.
 DEFAULT_HOLD = "cycle"
 
 

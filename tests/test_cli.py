@@ -246,7 +246,7 @@ def test_steps_per_group_flag_help_and_bad_values(capsys):
 
     text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
     entries = re.findall(r"^  --steps-per-group K\b(.*?)(?=^  -)", text, re.M | re.S)
-    assert len(entries) == 1 and "[default: 2] [causal-lm: 1]" in " ".join(entries[0].split()), text
+    assert len(entries) == 1 and "[default: 2] [causal-lm: 4]" in " ".join(entries[0].split()), text
     for bad in ("0", "-2", "1.5", "two"):
         with pytest.raises(SystemExit) as e:
             main(["finetune", "--steps-per-group", bad])
@@ -268,10 +268,10 @@ def test_steps_per_group_config_rules():
     with pytest.raises(UsageError, match="lr_hold 'epoch': choose cycle, visit"):
         TrainConfig(lr_hold="epoch").validate()
     assert "steps_per_group" in TRAINING_KEYS and "lr_hold" in TRAINING_KEYS
-    # None: the task's HiFT default (2 for classification, 1 for causal-lm); --full takes 1
+    # None: the task's HiFT default (2 for classification, 4 for causal-lm); --full takes 1
     assert TrainConfig().resolved_steps_per_group() == 2 and TrainConfig().to_dict()["steps_per_group"] == 2
     assert TrainConfig(full=True).resolved_steps_per_group() == 1
-    assert TrainConfig(task="causal-lm").resolved_steps_per_group() == 1
+    assert TrainConfig(task="causal-lm").resolved_steps_per_group() == 4
     TrainConfig(full=True).validate()  # the HiFT default does not make --full refuse
     # a checkpoint written before these keys existed ran with one step per group, held per cycle,
     # and resumes as such (its config fills the flags), not with today's default

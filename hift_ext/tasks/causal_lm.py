@@ -146,6 +146,9 @@ class CausalLMTask(Task):
         "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256,
         "group_size": 4, "strategy": "up2down",
     }
+    # bench_sft's K sweep (64 problems, 3 epochs, seed 0): final dev loss 1.1940 / 1.2016 / 1.1842 at
+    # K = 1 / 2 / 4 (full fine-tuning 1.1929): four consecutive steps on each of the 8 groups
+    default_steps_per_group = 4
     default_lrs = {
         ("hift", "adamw"): 1e-4,
         ("full", "adamw"): 5e-5,
