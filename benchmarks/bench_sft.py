@@ -148,7 +148,7 @@ def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
     k = opts["hift"].num_groups
     ds = built.train_ds
     batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
-    n = pairs_per_group * k * cfg.steps_per_group  # whole HiFT cycles
+    n = max(pairs_per_group * k, k * cfg.resolved_steps_per_group())  # whole HiFT cycles (at least one)
     order = [ds.collate(batches[i % len(batches)]) for i in range(n)]
     tokens = sum(int(b["attention_mask"].sum()) for b in order)
     times = rotate({mode: (lambda b, m=models[mode], o=opts[mode]: train_step(m, o, b, cfg.max_grad_norm))
@@ -236,8 +236,11 @@ def compare(result: dict) -> dict:
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
-    speed = runs.get("speed")
+    k_of = lambda r: (r.get("settings") or {}).get("steps_per_group") or 1  # noqa: E731
+    speeds = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("mode") == "speed"]
+    speed = next((r for r in speeds if k_of(r) == k_of(hift)), runs.get("speed"))  # same K as the HiFT run
     if speed:  # the fair ratio: both measured side by side in one process
+        c["speed_run"] = speed["name"]
         c["speedup_side_by_side"] = speed["speedup"]
         c["speedup_target_met"] = speed["speedup"] >= TARGET_SPEEDUP
         # equal wall clock on the side-by-side clock: an epoch of full fine-tuning costs `speedup` HiFT

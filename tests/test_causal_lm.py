@@ -295,8 +295,9 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_llama_dir, gsm8k_sm
     for gc in (False, True):
         out = str(tmp_path / f"gc{gc}")
         rc, stdout, err = run_cli(lm_args(tiny_llama_dir, gsm8k_small, "--max-steps", "4", "--lr", "1e-2",
-                                          "--group-size", "1", "--strategy", "down2up", "--output", out,
-                                          "--no-save-model", *(["--gradient-checkpointing"] if gc else [])), capsys)
+                                          "--group-size", "1", "--strategy", "down2up", "--steps-per-group", "1",
+                                          "--output", out, "--no-save-model",
+                                          *(["--gradient-checkpointing"] if gc else [])), capsys)
         assert rc == 0, err
         outs.append(load_model_pt(out))
     assert "gradient checkpointing" in stdout
