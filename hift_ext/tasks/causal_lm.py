@@ -139,8 +139,9 @@ class CausalLMTask(Task):
     name = CAUSAL_LM
     # Sized so `hift-ext finetune --task causal-lm` finishes within 15 minutes on the 2-core CPU
     # (measured quiet: 8 minutes, 4 of them training). Group size, strategy and the HiFT-AdamW lr won
-    # benchmarks/bench_sft.py's sweep (final dev loss 1.1940 against 1.2060 for lr 2e-4, 1.2072 for groups of 8, 1.2028 for down2up;
-    # full fine-tuning 1.1929); the AdaGrad/SGD rates are first guesses (1.2378 / 1.2558 there).
+    # benchmarks/bench_sft.py's sweep (final dev loss 1.1940 against 1.2060 for lr 2e-4, 1.2072 for
+    # groups of 8, 1.2028 for down2up; full fine-tuning 1.1929); the AdaGrad/SGD rates are first
+    # guesses (1.2378 / 1.2558 there).
     defaults: Dict[str, Any] = {
         "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
         "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256,
