@@ -686,7 +686,7 @@ class _Training:
         global_idx = batches[self.micro]
         idx = ranks.split(global_idx)
         last = (self.micro + 1) % cfg.grad_accum == 0 or self.micro + 1 == len(batches)
-        local_sum, bad, tokens = 0.0, 0.0, 0
+        local_sum, bad, tokens, terms = 0.0, 0.0, 0, 0
         if idx:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
             tokens = _batch_tokens(batch)
@@ -704,8 +704,7 @@ class _Training:
                 bad = 1.0
         elif last:
             self.optimizer.sync_grads()  # the other ranks' last backward synchronizes: take part
-        total, n_terms, n, tokens, bad = ranks.sum(
-            [local_sum, _loss_terms(self.train_ds, idx) if idx else 0, len(idx), tokens, bad])
+        total, n_terms, n, tokens, bad = ranks.sum([local_sum, terms, len(idx), tokens, bad])
         return (total / max(n_terms, 1) if bad == 0 else float("nan")), int(n), int(tokens)
 
     def _loop(self, pbar) -> None:
