@@ -173,3 +173,19 @@ def pyplot(who: str):
         print(f"{who}: matplotlib missing, no PNG", file=sys.stderr)
         return None
     return plt
+
+
+def interpolate(points: Sequence[tuple], t: float):
+    """Linear interpolation of (time, value) points, sorted by time, at ``t``; clamped to the ends."""
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, v0), (t1, v1) in zip(points, points[1:]):
+        if t <= t1:
+            return v0 + (v1 - v0) * (t - t0) / max(t1 - t0, 1e-9)
+    return points[-1][1]
+
+
+def align_rows(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of strings (the first a header) as left-aligned columns."""
+    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)

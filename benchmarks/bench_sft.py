@@ -199,16 +199,11 @@ def child(spec_json: str, out_path: str) -> int:
 def loss_at_time(run: dict, t: float, start_loss) -> float:
     """Dev loss the run had reached after ``t`` seconds of training: linear between its evaluations
     (the untrained model's loss at 0 s); the last one beyond its end."""
+    from _common import interpolate
+
     pts = ([(0.0, start_loss)] if start_loss is not None else []) + \
         [(e["elapsed_s"], e["eval_loss"]) for e in run.get("eval_history") or []]
-    if not pts:
-        return None
-    if t >= pts[-1][0]:
-        return pts[-1][1]
-    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
-        if t0 <= t <= t1:
-            return l0 + (l1 - l0) * (t - t0) / max(t1 - t0, 1e-9)
-    return pts[0][1]
+    return interpolate(pts, t) if pts else None
 
 
 def compare(result: dict) -> dict:
@@ -281,8 +276,9 @@ def fmt_table(result: dict) -> str:
         rows.append((r["name"] + (" (sweep)" if sweep else ""), f"{r['lr']:g}", groups, hist,
                      f"{r['eval_perplexity']:.3f}", em, f"{r['train_tokens_per_s']:.1f}", f"{r['train_time_s']:.0f}s",
                      peak, f"{r['optimizer_state_device_bytes'] / 2**20:.0f} MiB"))
-    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+    from _common import align_rows
+
+    return align_rows(rows)
 
 
 def plot(result: dict, png: str) -> None:

@@ -220,18 +220,10 @@ def run_speed(settings: list, n_steps: int) -> dict:
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def _interp(points, t):
-    """Linear interpolation of (time, value) points at t (clamped to the ends)."""
-    if t <= points[0][0]:
-        return points[0][1]
-    for (t0, v0), (t1, v1) in zip(points, points[1:]):
-        if t <= t1:
-            return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
-    return points[-1][1]
-
-
 def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     """HiFT config ``hift_name`` against ``full_name`` over every seed measured of both."""
+    from _common import interpolate
+
     records = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("eval_history")
                and not r.get("partial") and "seed" in (r.get("settings") or {})]
     by_name = {r["name"]: r for r in records}
@@ -253,15 +245,15 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     for sd in seeds:
         h, f = hift[sd], full[sd]
         spe = h["steps"] / h["epochs"]
-        f_pts = [(0.0, None)] + [(e["epoch"] * (f["steps"] / f["epochs"]) * tf, e["eval_accuracy"])
-                                 for e in f["eval_history"]]
+        f_pts = [(e["epoch"] * (f["steps"] / f["epochs"]) * tf, e["eval_accuracy"]) for e in f["eval_history"]]
         h_time = h["steps"] * th
         rows[str(sd)] = {
             "hift": h["eval_accuracy"], "full": f["eval_accuracy"],
             "hift_train_time_s": h_time, "full_train_time_s": f["steps"] * tf,
-            "full_at_hift_time": _interp(f_pts[1:], h_time) if h_time >= f_pts[1][0] else None,
+            # None: HiFT finished before full FT's first evaluation (nothing to interpolate from)
+            "full_at_hift_time": interpolate(f_pts, h_time) if h_time >= f_pts[0][0] else None,
             "hift_history": [(e["epoch"] * spe * th, e["eval_accuracy"]) for e in h["eval_history"]],
-            "full_history": f_pts[1:]}
+            "full_history": f_pts}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     out = {"hift": hift_name, "full": full_name, "seeds": seeds,
            "clock": {"hift_seconds_per_step": th, "full_seconds_per_step": tf, "speedup": tf / th,
@@ -317,8 +309,9 @@ def fmt_table(result: dict) -> str:
         rows.append((r["name"] + (" (sweep)" if r in result.get("sweep", []) else ""), f"{r['lr']:g}", groups,
                      f"{100 * r['eval_accuracy']:.2f}%", hist, f"{r['train_examples_per_s']:.1f}",
                      f"{r['train_time_s']:.0f}s", f"{r['optimizer_state_device_bytes'] / 2**20:.0f} MiB"))
-    w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+    from _common import align_rows
+
+    return align_rows(rows)
 
 
 def plot(result: dict, png: str) -> None:
@@ -409,6 +402,9 @@ def main(argv=None) -> int:
         return 0
     if args.study:
         st = study(result, args.study)
+        old = result.get("study") or {}
+        if old.get("note") and old.get("hift") == st["hift"]:
+            st["note"] = old["note"]  # a hand-written reading of the same comparison stays
         result["study"] = st
         with open(out, "w") as fh:
             json.dump(result, fh, indent=2)
