@@ -4,7 +4,8 @@
 delayed LR, AMP, non-finite skipping, checkpoints, reports). A :class:`Task` supplies the rest:
 
 * ``defaults`` / ``default_lrs``: the TrainConfig values the task's job is tuned for;
-* :meth:`data_paths` and :meth:`load_data`: the shipped data and the file reader (parsing only,
+* :meth:`shipped` (the package's train/dev splits, used by :meth:`data_paths`) and :meth:`load_data`:
+  the shipped data and the file reader (parsing only,
   so bad data is reported before a model is loaded);
 * :meth:`build`: tokenizer, model and the tokenized datasets (objects with ``__len__``,
   ``batches(order, batch_size)``, ``collate(idx)`` and ``input_ids``), as a :class:`Built`;
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from hift_ext.errors import UsageError
 
 __all__ = ["Task", "Built"]
 
@@ -37,11 +40,25 @@ class Task:
     rate_unit: str = "ex"  # the progress bar's speed: examples/s or tokens/s
     plot_eval: Tuple[str, str, float] = ("eval_accuracy", "eval accuracy (%)", 100.0)  # key, label, scale
 
-    def default_model_name(self) -> str:
+    shipped_data_name: str = ""  # what the package ships for this task (for messages)
+
+    def shipped(self, split: str) -> str:
+        """Path of the shipped ``split`` ("train" or "dev")."""
         raise NotImplementedError
 
+    def default_model_name(self) -> str:
+        from hift_ext.model_source import DEFAULT_NAMES
+
+        return DEFAULT_NAMES[self.name]
+
     def data_paths(self, cfg) -> Tuple[str, Optional[str]]:
-        raise NotImplementedError
+        """--train/--eval, or the shipped train/dev splits when neither is given."""
+        if cfg.train is None and cfg.eval is None:
+            return self.shipped("train"), self.shipped("dev")
+        if cfg.train is None:
+            raise UsageError(f"--eval needs --train too (the shipped {self.shipped_data_name} is used only when "
+                             "neither is given)")
+        return cfg.train, cfg.eval
 
     def load_data(self, cfg, train_path: str, eval_path: Optional[str]) -> Any:
         raise NotImplementedError

@@ -21,7 +21,7 @@ from hift_ext.chat_data import ChatDataset, ChatExamples, encode_chat, load_chat
 from hift_ext.data import DataError
 from hift_ext.errors import UsageError
 from hift_ext.generation import exact_match, samples_jsonl
-from hift_ext.model_source import CAUSAL_LM, DEFAULT_NAMES, ModelSource, default_model, resolve_model
+from hift_ext.model_source import CAUSAL_LM, ModelSource, default_model, resolve_model
 from hift_ext.tasks.base import Built, Task
 from hift_ext.tasks.common import check_token_ids, quiet_transformers
 
@@ -161,15 +161,10 @@ class CausalLMTask(Task):
     rate_unit = "tok"
     plot_eval = ("eval_loss", "dev loss (response tokens)", 1.0)
 
-    def default_model_name(self) -> str:
-        return DEFAULT_NAMES[CAUSAL_LM]
+    shipped_data_name = "GSM8K"
 
-    def data_paths(self, cfg) -> Tuple[str, Optional[str]]:
-        if cfg.train is None and cfg.eval is None:
-            return shipped_gsm8k("train"), shipped_gsm8k("dev")
-        if cfg.train is None:
-            raise UsageError("--eval needs --train too (the shipped GSM8K is used only when neither is given)")
-        return cfg.train, cfg.eval
+    def shipped(self, split: str) -> str:
+        return shipped_gsm8k(split)
 
     def load_data(self, cfg, train_path: str, eval_path: Optional[str]) -> _Data:
         train = load_chat_examples(train_path, cfg.max_train_examples)

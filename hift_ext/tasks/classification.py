@@ -17,7 +17,7 @@ from hift_ext.data import (
     shipped_sst2,
 )
 from hift_ext.errors import UsageError
-from hift_ext.model_source import CLASSIFICATION, DEFAULT_NAMES, default_model, resolve_model
+from hift_ext.model_source import CLASSIFICATION, default_model, resolve_model
 from hift_ext.tasks.base import Built, Task
 from hift_ext.tasks.common import check_token_ids, quiet_transformers
 
@@ -163,15 +163,10 @@ class ClassificationTask(Task):
     rate_unit = "ex"
     plot_eval = ("eval_accuracy", "eval accuracy (%)", 100.0)
 
-    def default_model_name(self) -> str:
-        return DEFAULT_NAMES[CLASSIFICATION]
+    shipped_data_name = "SST-2"
 
-    def data_paths(self, cfg) -> Tuple[str, Optional[str]]:
-        if cfg.train is None and cfg.eval is None:
-            return shipped_sst2("train"), shipped_sst2("dev")
-        if cfg.train is None:
-            raise UsageError("--eval needs --train too (the shipped SST-2 is used only when neither is given)")
-        return cfg.train, cfg.eval
+    def shipped(self, split: str) -> str:
+        return shipped_sst2(split)
 
     def load_data(self, cfg, train_path: str, eval_path: Optional[str]) -> _Data:
         train_ex = load_examples(train_path, cfg.max_train_examples)
