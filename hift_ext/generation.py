@@ -15,7 +15,18 @@ import torch
 
 from hift_ext.chat_data import ChatDataset, _NUM, gold_answer, normalize_number
 
-__all__ = ["predicted_answer", "generate", "exact_match", "samples_jsonl"]
+__all__ = ["predicted_answer", "generate", "exact_match", "samples_jsonl", "generation_batch_size"]
+
+# Prompts a generation batch on the CPU: 32 answers GSM8K dev prompts 1.7x faster per answer than 8
+# with SmolLM2-135M on the 2-core CPU (small matmuls there are overhead-bound); on an accelerator the
+# KV cache of a 7B model limits the batch, so it stays near the training batch.
+CPU_GENERATION_BATCH = 32
+
+
+def generation_batch_size(train_batch_size: int, device) -> int:
+    if str(device).startswith("cpu"):
+        return max(train_batch_size, CPU_GENERATION_BATCH)
+    return max(train_batch_size, 8)
 
 
 def predicted_answer(text: str) -> Optional[str]:

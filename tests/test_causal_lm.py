@@ -124,6 +124,28 @@ def test_loss_covers_the_response_tokens_only(tok):
     assert feats[0]["labels"][: ds.n_prompt[0]] == [-100] * ds.n_prompt[0]
 
 
+def test_greedy_generation_does_not_depend_on_the_batch(tok):
+    """Prompts of different lengths, left-padded in one batch, generate what each generates alone
+    (the CPU batches 32 prompts: generation_batch_size)."""
+    import contextlib
+
+    from _causal_testutil import _gsm8k_rows, make_tiny_llama
+    from hift_ext.generation import generate, generation_batch_size
+
+    rows = _gsm8k_rows("dev", 6)
+    ds = encode_chat(tok, ChatExamples("x", [ChatExample(i + 1, r["answer"], prompt=r["question"][: 40 + 30 * i])
+                                             for i, r in enumerate(rows)]), max_length=1000)
+    prompts = [ds.prompt_ids(i) for i in range(len(ds))]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    model = make_tiny_llama(len(tok), seed=3)
+    kw = dict(max_new_tokens=12, device="cpu", autocast_ctx=contextlib.nullcontext)
+    alone = [generate(model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert generate(model, tok, prompts, batch_size=32, **kw) == alone
+    assert generate(model, tok, prompts, batch_size=4, **kw) == alone
+    assert generation_batch_size(4, "cpu") == 32 and generation_batch_size(4, "cuda:0") == 8
+    assert generation_batch_size(64, "cpu") == 64
+
+
 def test_truncation_cuts_the_prompt_from_the_left_and_refuses_a_response_that_cannot_fit(tok):
     long_prompt = "word " * 200
     ex = ChatExamples("f.jsonl", [ChatExample(3, "#### 5", prompt=long_prompt)])

@@ -20,7 +20,7 @@ import torch
 from hift_ext.chat_data import ChatDataset, ChatExamples, encode_chat, load_chat_examples
 from hift_ext.data import DataError
 from hift_ext.errors import UsageError
-from hift_ext.generation import exact_match, samples_jsonl
+from hift_ext.generation import exact_match, generation_batch_size, samples_jsonl
 from hift_ext.model_source import CAUSAL_LM, ModelSource, default_model, resolve_model
 from hift_ext.tasks.base import Built, Task
 from hift_ext.tasks.common import check_token_ids, quiet_transformers
@@ -205,7 +205,7 @@ class CausalLMTask(Task):
         files: Dict[str, str] = {}
         if final and cfg.eval_generate:
             em = exact_match(built.model, built.tokenizer, built.eval_ds, cfg.eval_generate,
-                             max_new_tokens=cfg.max_new_tokens, batch_size=max(cfg.batch_size, 8), device=device,
+                             max_new_tokens=cfg.max_new_tokens, batch_size=generation_batch_size(cfg.batch_size, device), device=device,
                              autocast_ctx=autocast, ranks=ranks)
             ev.update(exact_match=em["exact_match"], exact_match_correct=em["correct"],
                       exact_match_examples=em["generated"])
