@@ -13,13 +13,15 @@ training examples/s side by side, and writes benchmarks/results/sst2-<device>.js
     python benchmarks/bench_sst2.py --plot-only            # redraw the PNG from the JSON
     python benchmarks/bench_sst2.py --speed "full-adamw;hift-adamw;hift-adamw:steps_per_group=2"
     python benchmarks/bench_sst2.py --study "hift-adamw:steps_per_group=2"
+    python benchmarks/bench_sst2.py --study "hift-adamw:steps_per_group=2,epochs=4"   # HiFT's time saved, spent
 
 --speed times the configs side by side in one process (steps in rotation on the same batches, so a
 loaded machine slows them alike) and files the seconds per step under "speed". --study compares a
 HiFT config with full fine-tuning over every seed measured of both (records whose resolved
 settings differ only in the seed): equal epochs, and equal wall-clock time on the --speed clock
-(full fine-tuning's accuracy interpolated between its epochs at HiFT's training time); it writes
-"study" into the JSON and <out>-study.png (accuracy against time).
+(full fine-tuning's accuracy interpolated between its epochs at HiFT's training time); it files
+the comparison under "studies" in the JSON and draws every config studied in <out>-study.png
+(accuracy against time). A HiFT config may train more epochs than full FT in the same time.
 
 A config is NAME[:key=value,...] with NAME in full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, epochs,
@@ -185,6 +187,16 @@ def resolved(settings: dict) -> tuple:
     return tuple((k, d.get(k)) for k in TRAINING_KEYS)
 
 
+# Settings that change what a step costs; the others (lr, epochs, schedule, ...) do not, so a config's
+# --speed clock serves every record that differs from it only in those.
+TIMING_KEYS = ("full", "optimizer", "precision", "group_size", "strategy", "steps_per_group", "batch_size",
+               "max_length", "max_grad_norm")
+
+
+def timing(settings: dict) -> tuple:
+    return tuple(kv for kv in resolved(settings) if kv[0] in TIMING_KEYS)
+
+
 def run_speed(settings: list, n_steps: int) -> dict:
     """Seconds per training step of each config, measured side by side (see --speed)."""
     import copy
@@ -233,14 +245,15 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     clock = {}
     for rec in speed.values():
         for n, sec in rec["seconds_per_step"].items():
-            clock[resolved(rec["settings"][n])] = sec
+            clock[timing(rec["settings"][n])] = sec
     per_seed = lambda key: {r["settings"]["seed"]: r for r in records if resolved(r["settings"]) == key}  # noqa: E731
     hk, fk = resolved(by_name[hift_name]["settings"]), resolved(by_name[full_name]["settings"])
     hift, full = per_seed(hk), per_seed(fk)
     seeds = sorted(set(hift) & set(full))
-    if hk not in clock or fk not in clock:
-        raise SystemExit("bench_sst2 --study: time both configs with --speed first")
-    th, tf = clock[hk], clock[fk]
+    hc, fc = timing(by_name[hift_name]["settings"]), timing(by_name[full_name]["settings"])
+    if hc not in clock or fc not in clock:
+        raise SystemExit("bench_sst2 --study: time both configs (or configs that take the same steps) with --speed first")
+    th, tf = clock[hc], clock[fc]
     rows = {}
     for sd in seeds:
         h, f = hift[sd], full[sd]
@@ -263,22 +276,30 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
         hm, fm = mean([rows[str(s)]["hift"] for s in seeds]), mean([rows[str(s)]["full"] for s in seeds])
         at = [rows[str(s)]["full_at_hift_time"] for s in seeds]
         fam = mean([a for a in at if a is not None]) if all(a is not None for a in at) else None
-        out.update(hift_mean=hm, full_mean=fm, equal_epochs_gap_points=100 * (fm - hm),
-                   equal_epochs_target_met=100 * (fm - hm) <= 0.5,
+        same_epochs = all(hift[sd]["epochs"] == full[sd]["epochs"] for sd in seeds)
+        out.update(hift_mean=hm, full_mean=fm, hift_epochs=hift[seeds[0]]["epochs"], full_epochs=full[seeds[0]]["epochs"],
+                   # None where HiFT trained other epochs than full FT (an equal-time setting only)
+                   equal_epochs_gap_points=100 * (fm - hm) if same_epochs else None,
+                   equal_epochs_target_met=100 * (fm - hm) <= 0.5 if same_epochs else None,
                    full_mean_at_hift_time=fam,
                    equal_time_target_met=fam is None or hm >= fam)
     return out
 
 
-def plot_study(st: dict, png: str) -> None:
+def plot_study(studies: dict, png: str) -> None:
+    """Mean accuracy against time of full FT and of every HiFT config studied (thin lines: each seed)."""
     from _common import pyplot
 
     plt = pyplot("bench_sst2")
-    if plt is None:
+    if plt is None or not studies:
         return
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    seeds = [str(s) for s in st["seeds"]]
-    for key, color, label in (("full_history", "tab:gray", st["full"]), ("hift_history", "tab:blue", st["hift"])):
+    colors = iter(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"))
+    curves_of = [(st, "full_history", "tab:gray", st["full"]) for st in list(studies.values())[:1]]
+    curves_of += [(st, "hift_history", next(colors, "tab:brown"),
+                   f"{st['hift']} ({st['clock']['speedup']:.2f}x steps/s)") for st in studies.values()]
+    for st, key, color, label in curves_of:
+        seeds = [str(s) for s in st["seeds"]]
         curves = [st["per_seed"][s][key] for s in seeds]
         for c in curves:
             ax.plot([t / 60 for t, _ in c], [100 * a for _, a in c], "-", color=color, alpha=0.25, lw=1)
@@ -288,9 +309,9 @@ def plot_study(st: dict, png: str) -> None:
                 label=f"{label}: mean of seeds {','.join(seeds)}")
     ax.set_xlabel("training time on the side-by-side clock (min, 1 thread)")
     ax.set_ylabel("SST-2 dev accuracy after each epoch (%)")
-    ax.set_title(f"accuracy vs wall-clock time (HiFT {st['clock']['speedup']:.2f}x steps/s)", fontsize=10)
+    ax.set_title("accuracy vs wall-clock time, full fine-tuning and HiFT", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -402,13 +423,15 @@ def main(argv=None) -> int:
         return 0
     if args.study:
         st = study(result, args.study)
-        old = result.get("study") or {}
-        if old.get("note") and old.get("hift") == st["hift"]:
-            st["note"] = old["note"]  # a hand-written reading of the same comparison stays
-        result["study"] = st
+        studies = result.setdefault("studies", {})
+        if "study" in result:  # the single study of earlier versions of this script
+            studies.setdefault(result["study"]["hift"], result.pop("study"))
+        if studies.get(st["hift"], {}).get("note"):
+            st["note"] = studies[st["hift"]]["note"]  # a hand-written reading of the same comparison stays
+        studies[st["hift"]] = st
         with open(out, "w") as fh:
             json.dump(result, fh, indent=2)
-        plot_study(st, os.path.splitext(out)[0] + "-study.png")
+        plot_study(studies, os.path.splitext(out)[0] + "-study.png")
         print(json.dumps({k: v for k, v in st.items() if k != "per_seed"}, indent=2))
         return 0
     if args.threads:
