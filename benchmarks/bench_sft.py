@@ -45,6 +45,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIGS = ("untrained", "speed", "full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
 TARGET_LOSS_GAP_PCT = 2.0
 TARGET_SPEEDUP = 1.5
+# settings that change what a HiFT step costs (a --speed run times the HiFT run with the same ones)
+TIMING_KEYS = ("optimizer", "group_size", "strategy", "steps_per_group", "precision", "batch_size", "max_length",
+               "max_train_examples")
 
 
 # ------------------------------------------------------------------------------------ one run (child)
@@ -99,7 +102,7 @@ def run_untrained(s: dict, log) -> dict:
 
     import torch
 
-    from hift_ext.generation import exact_match
+    from hift_ext.generation import exact_match, generation_batch_size
     from hift_ext.tasks import get_task
     from hift_ext.tasks.causal_lm import eval_loss
     from hift_ext.train import TrainConfig, _pick_device
@@ -114,7 +117,7 @@ def run_untrained(s: dict, log) -> dict:
     t0 = time.time()
     loss = eval_loss(built.model, built.eval_ds, device, 2 * cfg.batch_size, null)
     em = exact_match(built.model, built.tokenizer, built.eval_ds, cfg.eval_generate, max_new_tokens=cfg.max_new_tokens,
-                     batch_size=max(cfg.batch_size, 8), device=device, autocast_ctx=null)
+                     batch_size=generation_batch_size(cfg.batch_size, device), device=device, autocast_ctx=null)
     peak, kind = _peak(str(device))
     return {"mode": "untrained", **loss, "exact_match": em["exact_match"], "exact_match_correct": em["correct"],
             "exact_match_examples": em["generated"], "eval_s": time.time() - t0, "peak_memory_bytes": peak,
@@ -231,9 +234,14 @@ def compare(result: dict) -> dict:
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
-    k_of = lambda r: (r.get("settings") or {}).get("steps_per_group") or 1  # noqa: E731
+    # the side-by-side run that takes the HiFT run's steps: same groups, K, optimizer and precision
+    def timing(r):
+        st = dict(r.get("settings") or {})
+        st["steps_per_group"] = st.get("steps_per_group") or 1  # records from before K existed
+        return tuple(st.get(k) for k in TIMING_KEYS)
+
     speeds = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("mode") == "speed"]
-    speed = next((r for r in speeds if k_of(r) == k_of(hift)), runs.get("speed"))  # same K as the HiFT run
+    speed = next((r for r in speeds if timing(r) == timing(hift)), None)
     if speed:  # the fair ratio: both measured side by side in one process
         c["speed_run"] = speed["name"]
         c["speedup_side_by_side"] = speed["speedup"]
@@ -300,20 +308,20 @@ def plot(result: dict, png: str) -> None:
         style = dict(color="black", lw=2) if r["mode"] == "full" else {}
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=r["name"],
                 alpha=1.0 if r in runs else 0.5, **style)
-    speed = next((r for r in result.get("runs", []) if r["mode"] == "speed"), None)
     full = next((r for r in runs if r["name"] == "full-adamw"), None)
     hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
-    if speed and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
+    sb = (result.get("comparison") or {}).get("speedup_side_by_side")  # the speed run of the reference's setting
+    if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
         per_epoch = hift["train_time_s"] / hift["eval_history"][-1]["epoch"]
         pts = ([(0.0, start)] if start is not None else []) + \
-            [(e["epoch"] * per_epoch * speed["speedup"], e["eval_loss"]) for e in full["eval_history"]]
+            [(e["epoch"] * per_epoch * sb, e["eval_loss"]) for e in full["eval_history"]]
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "s:", color="black",
-                label=f"full-adamw, side-by-side clock ({speed['speedup']:.2f}x HiFT's time per token)")
+                label=f"full-adamw on the reference HiFT run's clock (side by side: {sb:.2f}x)")
     a1.set_xlabel("training wall-clock time (min), each run's own clock on a shared machine")
     a1.set_ylabel("dev loss (response tokens)")
     a1.set_title("dev loss after each epoch vs training time")
-    a1.legend(fontsize=7)
-    gen = [r for r in runs if r.get("exact_match") is not None]  # runs that generated
+    a1.legend(fontsize=7, loc="upper right")
+    gen = [r for r in runs + sweep if r.get("exact_match") is not None]  # runs that generated
     names = ([base["name"]] if base else []) + [r["name"] for r in gen]
     ems = ([base["exact_match"]] if base else []) + [r["exact_match"] for r in gen]
     bars = a2.bar(names, [100 * e for e in ems], color=["tab:gray"] + ["tab:blue"] * len(gen) if base else None)
