@@ -252,7 +252,7 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     seeds = sorted(set(hift) & set(full))
     hc, fc = timing(by_name[hift_name]["settings"]), timing(by_name[full_name]["settings"])
     if hc not in clock or fc not in clock:
-        raise SystemExit("bench_sst2 --study: time both configs (or configs that take the same steps) with --speed first")
+        raise SystemExit("bench_sst2 --study: time both configs (or configs taking the same steps) with --speed first")
     th, tf = clock[hc], clock[fc]
     rows = {}
     for sd in seeds:
@@ -277,7 +277,8 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
         at = [rows[str(s)]["full_at_hift_time"] for s in seeds]
         fam = mean([a for a in at if a is not None]) if all(a is not None for a in at) else None
         same_epochs = all(hift[sd]["epochs"] == full[sd]["epochs"] for sd in seeds)
-        out.update(hift_mean=hm, full_mean=fm, hift_epochs=hift[seeds[0]]["epochs"], full_epochs=full[seeds[0]]["epochs"],
+        out.update(hift_mean=hm, full_mean=fm,
+                   hift_epochs=hift[seeds[0]]["epochs"], full_epochs=full[seeds[0]]["epochs"],
                    # None where HiFT trained other epochs than full FT (an equal-time setting only)
                    equal_epochs_gap_points=100 * (fm - hm) if same_epochs else None,
                    equal_epochs_target_met=100 * (fm - hm) <= 0.5 if same_epochs else None,

@@ -140,9 +140,9 @@ class CausalLMTask(Task):
     # Sized so `hift-ext finetune --task causal-lm` finishes within 15 minutes on the 2-core CPU
     # (measured quiet: about 8 minutes, half of them training). Group size and the HiFT-AdamW lr won
     # benchmarks/bench_sft.py's sweep at this job's own size (160 problems, 2 epochs, K = 4; final dev
-    # loss; full fine-tuning 1.0352): 4 groups of 8 at lr 2e-4 1.0516 (1.75x full FT's tokens/s),
-    # 8 groups of 4 at lr 1e-4 1.0657 (1.85x), 2 groups of 16 at lr 1e-4 1.0522 (1.37x). With 80
-    # steps, 8 groups give each group only 10; the AdaGrad/SGD rates are first guesses.
+    # loss; full fine-tuning 1.0352): 4 groups of 8 at lr 2e-4 1.0516 (1.61x full FT's tokens/s),
+    # 8 groups of 4 at lr 1e-4 1.0657 (1.85x), 2 groups of 16 at lr 1e-4 1.0522 (1.37x), timed side
+    # by side. With 80 steps, 8 groups give each group only 10; the AdaGrad/SGD rates are first guesses.
     defaults: Dict[str, Any] = {
         "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
         "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256,
@@ -206,7 +206,8 @@ class CausalLMTask(Task):
         files: Dict[str, str] = {}
         if final and cfg.eval_generate:
             em = exact_match(built.model, built.tokenizer, built.eval_ds, cfg.eval_generate,
-                             max_new_tokens=cfg.max_new_tokens, batch_size=generation_batch_size(cfg.batch_size, device), device=device,
+                             max_new_tokens=cfg.max_new_tokens,
+                             batch_size=generation_batch_size(cfg.batch_size, device), device=device,
                              autocast_ctx=autocast, ranks=ranks)
             ev.update(exact_match=em["exact_match"], exact_match_correct=em["correct"],
                       exact_match_examples=em["generated"])
