@@ -402,6 +402,8 @@ def main(argv=None) -> int:
                    help="the HiFT run the comparison uses (the setting chosen as the default) [default: hift-adamw]")
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args(argv)
+    if args.generate > args.dev_examples:  # generation takes its prompts from the dev rows loaded
+        p.error(f"--generate {args.generate} needs at least as many dev rows: add --dev-examples {args.generate}")
 
     import _common
 
