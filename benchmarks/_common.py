@@ -175,6 +175,12 @@ def pyplot(who: str):
     return plt
 
 
+# Settings that change what a training step costs; the others (lr, epochs, schedule, seed, ...) do
+# not, so one side-by-side speed run serves every record that differs from it only in those.
+STEP_COST_KEYS = ("full", "optimizer", "precision", "group_size", "strategy", "steps_per_group", "batch_size",
+                  "max_length", "max_grad_norm", "max_train_examples")
+
+
 def interpolate(points: Sequence[tuple], t: float):
     """Linear interpolation of (time, value) points, sorted by time, at ``t``; clamped to the ends."""
     if t <= points[0][0]:

@@ -45,9 +45,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIGS = ("untrained", "speed", "full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
 TARGET_LOSS_GAP_PCT = 2.0
 TARGET_SPEEDUP = 1.5
-# settings that change what a HiFT step costs (a --speed run times the HiFT run with the same ones)
-TIMING_KEYS = ("optimizer", "group_size", "strategy", "steps_per_group", "precision", "batch_size", "max_length",
-               "max_train_examples")
 
 
 # ------------------------------------------------------------------------------------ one run (child)
@@ -234,11 +231,14 @@ def compare(result: dict) -> dict:
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
-    # the side-by-side run that takes the HiFT run's steps: same groups, K, optimizer and precision
+    # the side-by-side run that takes the HiFT run's steps (same _common.STEP_COST_KEYS; a speed run's
+    # settings are HiFT's, with full=False)
+    from _common import STEP_COST_KEYS
+
     def timing(r):
         st = dict(r.get("settings") or {})
         st["steps_per_group"] = st.get("steps_per_group") or 1  # records from before K existed
-        return tuple(st.get(k) for k in TIMING_KEYS)
+        return tuple(st.get(k) for k in STEP_COST_KEYS)
 
     speeds = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("mode") == "speed"]
     speed = next((r for r in speeds if timing(r) == timing(hift)), None)

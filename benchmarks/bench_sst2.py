@@ -187,14 +187,11 @@ def resolved(settings: dict) -> tuple:
     return tuple((k, d.get(k)) for k in TRAINING_KEYS)
 
 
-# Settings that change what a step costs; the others (lr, epochs, schedule, ...) do not, so a config's
-# --speed clock serves every record that differs from it only in those.
-TIMING_KEYS = ("full", "optimizer", "precision", "group_size", "strategy", "steps_per_group", "batch_size",
-               "max_length", "max_grad_norm")
-
-
 def timing(settings: dict) -> tuple:
-    return tuple(kv for kv in resolved(settings) if kv[0] in TIMING_KEYS)
+    """What a step of ``settings`` costs, as a key of the --speed clock (_common.STEP_COST_KEYS)."""
+    from _common import STEP_COST_KEYS
+
+    return tuple(kv for kv in resolved(settings) if kv[0] in STEP_COST_KEYS)
 
 
 def run_speed(settings: list, n_steps: int) -> dict:
