@@ -202,7 +202,9 @@ def measure(cfg_name: str, cfg: dict, mode: str, device: torch.device, *, batch:
 
     model = build_model(cfg, device, dtype=DTYPES[dtype], attn=attn)
     if gc_on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from hift_ext.train import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     params = sum(p.numel() for p in model.parameters())
     if mode == "full":
         opt = (torch.optim.AdamW(model.parameters(), lr=1e-5) if dtype == "fp32"

@@ -123,7 +123,9 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     for tag, offload in (("resident", False), ("offload", True)):
         model = build_model(cfg, device, dtype=DTYPES[dtype], attn=attn)
         if gc_on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from hift_ext.train import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         opt = HiFT(model, lr=1e-6, offload=offload, steps_per_group=steps_per_group,
                    **({"offload_slots": num_slots, "offload_device_bytes": budget_bytes} if offload else {}))
         if offload and tuning:

@@ -869,6 +869,18 @@ def _export_model(model, tokenizer, out: str) -> None:
     install_dir(tmp, os.path.join(out, "model"))
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing on a transformers model, non-reentrant: HiFT freezes the
+    layers below the active group, so a block's input may not require grad, and the reentrant
+    variant would then drop the block's weight gradients. Uses transformers' current name
+    (activation_checkpointing_enable) where it exists, the older one otherwise."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFactory] = None,
                  scheduler_factory=None, log: Callable[[str], None] = None,
                  checkpoint: Optional[Checkpoint] = None) -> Dict[str, Any]:
@@ -943,13 +955,7 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-        # non-reentrant: HiFT freezes the layers below the active group, so a block's input may not
-        # require grad; the reentrant variant would then drop the block's weight gradients
-        kw = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        enable_gradient_checkpointing(model)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # no KV cache in training forward passes (generation asks for it)
 
