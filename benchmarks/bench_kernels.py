@@ -5,8 +5,9 @@ tensor and as MANY 4K-element tensors (incl. the 2,000 x 4K case), all in the sa
 per step, GB/s (bytes each update must move: AdamW fp32 reads p, g, m, v and writes p, m, v = 28 B
 per parameter; AdaGrad and momentum SGD 20 B) and the fraction of a bandwidth ceiling measured in
 the same run: CPU, an in-place streaming a.add_(b) (no write-allocate traffic, 12 B/elem); CUDA,
-a device-to-device copy (8 B/elem). Prints a table, writes benchmarks/results/kernels-<device>.json
-and a PNG chart.
+a device-to-device copy (8 B/elem). On CUDA, AdamW is also timed as a step captured in a CUDA
+graph and replayed (capturable=True, lr a device tensor), ours against torch's fused. Prints a
+table, writes benchmarks/results/kernels-<device>.json and a PNG chart.
 
     python benchmarks/bench_kernels.py                  # CPU (and CUDA when a GPU is present)
     python benchmarks/bench_kernels.py --quick          # short run
@@ -102,6 +103,27 @@ def torch_step_fn(opt, impl, params, grads):
     return o.step, None
 
 
+def graph_step_fn(opt, impl, params, grads):
+    """AdamW with capturable=True and a device lr, one step captured in a CUDA graph: the replay
+    is what a user who captures the step pays (no host work per step at all)."""
+    ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]  # shares storage
+    for p, g in zip(ps, grads):
+        p.grad = g
+    hp = dict(HP[opt], lr=torch.tensor(HP[opt]["lr"], device="cuda"))
+    try:
+        if impl == "hift_ext":
+            o = HIFT_CLS[opt](ps, **hp, capturable=True)
+        else:
+            o = TORCH_CLS[opt](ps, **hp, fused=True, capturable=True)
+        o.step()  # warm-up: the state exists before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o.step()
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return None, str(exc).splitlines()[0][:80]
+    return graph.replay, None
+
+
 def run(device: str, optimizers: list[str], quick: bool) -> dict:
     torch.manual_seed(0)
     rows = []
@@ -120,6 +142,10 @@ def run(device: str, optimizers: list[str], quick: bool) -> dict:
                     continue
                 fn, err = torch_step_fn(opt, impl, params, grads)
                 impls.append((f"torch {impl}", fn, err))
+            if device == "cuda" and opt == "adamw":  # CUDA graph capture (capturable=True), issue 17
+                for impl in ("hift_ext", "torch fused"):
+                    fn, err = graph_step_fn(opt, impl, params, grads)
+                    impls.append((f"{impl} graph", fn, err))
             results = {}
             for name, fn, err in impls:
                 if fn is None:
@@ -147,6 +173,9 @@ def run(device: str, optimizers: list[str], quick: bool) -> dict:
                     for ref in ("fused", "foreach", "forloop"):
                         t_ref = results.get(f"torch {ref}")
                         r[f"speedup_vs_{ref}"] = t_ref / hift if (t_ref and hift) else None
+                    t_g, t_tg = results.get("hift_ext graph"), results.get("torch fused graph")
+                    if t_g and t_tg:  # both steps replayed from a CUDA graph
+                        r["graph_speedup_vs_fused_graph"] = t_tg / t_g
         del params, grads
         gc.collect()
     return {"ceiling": {"op": ceiling_name, "numel": ceiling_n, "gb_s": ceiling}, "stat": STAT,
@@ -216,6 +245,7 @@ def main(argv=None) -> int:
             ("gb_s", "GB/s", ".1f"), ("frac_ceiling", "of ceiling", ".1%"),
             ("speedup_vs_fused", "x fused", ".2f"), ("speedup_vs_foreach", "x foreach", ".2f"),
             ("speedup_vs_forloop", "x forloop", ".2f"),
+            ("graph_speedup_vs_fused_graph", "graph: x fused", ".2f"),
         ])
         print(f"ceiling: {res['ceiling']['op']} {res['ceiling']['gb_s']:.1f} GB/s")
         path = C.write_results("kernels", device, res)

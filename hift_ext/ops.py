@@ -26,6 +26,7 @@ csrc/optim/update.h. Bad input raises RuntimeError with a message naming the lis
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,23 @@ def _scalar(x, name: str) -> float:
             raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(x.shape)}")
         return float(x.item())
     return float(x)
+
+
+def _lr_kwargs(lr, device: torch.device) -> dict:
+    """fused_adamw_'s lr: a tensor goes to the kernel as ``lr_tensor`` on the params' device (read
+    when the kernel runs: no host sync, capturable); a host tensor for device params is read on the
+    host (no device sync either); a float stays a float."""
+    if not isinstance(lr, Tensor):
+        return {"lr": float(lr)}
+    if lr.numel() != 1:
+        raise ValueError(f"lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+    if lr.device.type == "cpu" and device.type != "cpu":
+        return {"lr": float(lr)}
+    if lr.dtype not in (torch.float32, torch.float64) or lr.device != device:
+        lr = lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32,
+                   non_blocking=True)
+    # the float lr is ignored when lr_tensor is given: NaN makes a mistake there loud
+    return {"lr": math.nan, "lr_tensor": lr.reshape(())}
 
 
 def _all_empty(*lists: Sequence[Tensor]) -> bool:
@@ -69,7 +87,7 @@ def fused_adamw_(
     max_exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     weight_decay: float,
@@ -81,13 +99,15 @@ def fused_adamw_(
     master_params: Sequence[Tensor] = (),
 ) -> None:
     """In-place AdamW (decoupled weight decay) == torch.optim.AdamW. max_exp_avg_sqs is [] unless amsgrad.
-    master_params: () or fp32 masters (then states are fp32; see the module docstring)."""
+    master_params: () or fp32 masters (then states are fp32; see the module docstring).
+    lr: a float, or a one-element tensor that the kernel reads when it runs (no host sync; a CUDA
+    graph that captured the call replays with the value last written into the tensor)."""
     if _all_empty(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params):
         return
     _ops.fused_adamw_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs),
         list(state_steps),
-        lr=_scalar(lr, "lr"), beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
+        **_lr_kwargs(lr, params[0].device), beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
         weight_decay=float(weight_decay), eps=float(eps), amsgrad=bool(amsgrad),
         maximize=bool(maximize), master_params=list(master_params), grad_scale=grad_scale,
         found_inf=found_inf,

@@ -161,12 +161,16 @@ class _FusedOptimizer(Optimizer):
     #: the numeric hyperparameters of a param group (checked to be finite at every entry point)
     _hyper_keys: tuple[str, ...] = ()
 
+    #: whether capturable=True (CUDA graph capture of step()) is accepted
+    _supports_capturable = False
+    _capturable_why = "only FusedAdamW supports it (as torch.optim.AdamW does among these optimizers)"
+
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         self._check_hypers(defaults)
-        if defaults.get("capturable"):
+        if defaults.get("capturable") and not self._supports_capturable:
             raise ValueError(
-                f"{type(self).__name__}: capturable=True (CUDA graph capture) is not supported yet; "
-                "leave capturable=False, or use torch.optim's fused optimizer for graph capture"
+                f"{type(self).__name__}: capturable=True (CUDA graph capture) is not supported: "
+                f"{self._capturable_why}; leave capturable=False"
             )
         if defaults.get("differentiable"):
             raise ValueError(
@@ -199,8 +203,12 @@ class _FusedOptimizer(Optimizer):
         self._check_hypers(param_group)
         super().add_param_group(param_group)
 
-    def _check_hypers(self, group: dict[str, Any]) -> None:
-        _check_finite(type(self).__name__, **{k: group[k] for k in self._hyper_keys if k in group})
+    def _check_hypers(self, group: dict[str, Any], at_step: bool = False) -> None:
+        values = {k: group[k] for k in self._hyper_keys if k in group}
+        if at_step and group.get("capturable"):
+            # reading a device tensor's value would sync the host (and fail during graph capture)
+            values = {k: v for k, v in values.items() if not (isinstance(v, Tensor) and v.device.type != "cpu")}
+        _check_finite(type(self).__name__, **values)
 
     # ----------------------------------------------------------------------------- to override
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:  # pragma: no cover
@@ -358,15 +366,21 @@ class _FusedOptimizer(Optimizer):
                 and not all(d.get(s.keys[0]) is not None for s in plan.shares if s.keys for d in s.dicts)
             )
         ):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() is being captured before its state exists (or after "
+                    "the parameters with gradients or the state changed); take the same step once "
+                    "outside the graph first (the usual warm-up on a side stream), then capture"
+                )
             plan = plans[id(group)] = self._build_plan(group, params, keys)
         return plan
 
     def _check_not_capturing(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                f"{type(self).__name__}.step() was called during CUDA graph capture, which hift_ext "
-                "does not support yet (its step reads python scalars and uploads a tensor table); "
-                "step outside the captured region"
+                f"{type(self).__name__}.step() was called during CUDA graph capture without "
+                "capturable=True; build FusedAdamW(..., capturable=True) (with a tensor lr on the GPU "
+                "if a scheduler changes it), or step outside the captured region"
             )
 
     @staticmethod
@@ -383,8 +397,9 @@ class _FusedOptimizer(Optimizer):
         params, grads = self._collect(group)
         if not params:
             return 0
-        self._check_hypers(group)  # a scheduler or user code may have set lr to inf/NaN
-        self._check_not_capturing()
+        self._check_hypers(group, at_step=True)  # a scheduler or user code may have set lr to inf/NaN
+        if not group.get("capturable"):
+            self._check_not_capturing()
         plan = self._plan(group, params)
         for share in plan.shares:
             if share.counters is not None:
@@ -581,9 +596,17 @@ class FusedAdamW(_FusedOptimizer):
     """torch.optim.AdamW with the fused hift_ext kernel (same arguments, defaults and state).
 
     ``foreach`` and ``fused`` are accepted for compatibility and stored in the param groups like
-    torch does; the update is always the fused hift_ext kernel. ``capturable=True`` (CUDA graph
-    capture) is refused with a clear error until it is supported.
+    torch does; the update is always the fused hift_ext kernel.
+
+    ``capturable=True``: ``step()`` makes no host sync and uploads nothing, so it can be captured
+    in a CUDA graph (``torch.cuda.graph``) and replayed: step counts, ``grad_scale`` and
+    ``found_inf`` already live on the device, and a tensor ``lr`` on the parameters' device is read
+    by the kernel when it runs (write a new lr with ``lr.fill_(...)``; a float lr is baked into the
+    graph, as in torch). Take one step before capturing so that the state exists. A tensor lr is
+    read by the kernel without capturable too (no ``.item()`` per step).
     """
+
+    _supports_capturable = True
 
     _hyper_keys = ("lr", "betas", "eps", "weight_decay")
 
@@ -671,7 +694,7 @@ class FusedAdamW(_FusedOptimizer):
         beta1, beta2 = group["betas"]
         _ops().fused_adamw_(
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps,
-            lr=_scalar(group["lr"]), beta1=_scalar(beta1), beta2=_scalar(beta2),
+            lr=group["lr"], beta1=_scalar(beta1), beta2=_scalar(beta2),  # a tensor lr: read by the kernel
             weight_decay=_scalar(group["weight_decay"]), eps=_scalar(group["eps"]),
             amsgrad=amsgrad, maximize=bool(group["maximize"]),
             grad_scale=grad_scale, found_inf=found_inf, **_masters_kw(masters),
@@ -911,6 +934,9 @@ class _HiFTMixin:
     """HiFT on top of a fused drop-in optimizer (see the module docstring and docs/semantics.md)."""
 
     _eager_state = False  # a group's state is created the first time the group is active
+    _supports_capturable = False
+    _capturable_why = ("a HiFT step chooses its layer group on the host at every step, which a captured "
+                       "graph would freeze; capture FusedAdamW(..., capturable=True) instead")
 
     def __init__(
         self,

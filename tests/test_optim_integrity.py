@@ -5,7 +5,8 @@
   before changing anything;
 - a step refused by the kernel (e.g. a state tensor replaced by one of the wrong shape) changes
   nothing: parameters, state and step counts stay as they were;
-- capturable=True is refused with a clear message (CUDA graph capture is not supported yet).
+- capturable=True is refused with a clear message where it is not supported (the HiFT optimizers;
+  FusedAdamW supports it: tests/test_capturable.py).
 """
 import math
 
@@ -67,9 +68,10 @@ def test_non_finite_lr_at_step_changes_nothing(cls):
             assert torch.equal(v, state_before[k]), k
 
 
-def test_capturable_is_refused():
+def test_capturable_is_refused_where_unsupported():
     with pytest.raises(ValueError, match="capturable=True"):
-        FusedAdamW(_model().parameters(), capturable=True)
+        FusedHiFTAdamW(_model(), capturable=True)
+    FusedAdamW(_model().parameters(), capturable=True)  # supported
 
 
 @pytest.mark.parametrize("hift", [False, True])

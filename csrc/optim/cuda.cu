@@ -1,11 +1,17 @@
 // CUDA kernels: multi-tensor apply, ONE launch for a whole list of tensors.
 //
-// Layout of a launch: the host builds, per call, a metadata buffer
-//   [TensorMeta x num_tensors][BlockMeta x num_blocks]
-// (tensor pointers, sizes, step pointers, dtype; block -> (tensor, chunk) table) in pinned
-// memory, copies it to the device asynchronously on the current stream, and launches one grid
-// with a block per 64K-element chunk. Unlike torch's kernel-argument metadata (a few hundred
-// tensors per launch), any number of tensors fits one launch.
+// Layout of a launch: a tensor table (per tensor: pointers, size, step pointer, dtype) and a grid
+// with a block per 64K-element chunk. The table travels one of two ways:
+//   - short lists (up to kInlineTensors non-empty tensors): BY VALUE in the kernel's arguments,
+//     with the first block of every tensor (InlineTable). Nothing is uploaded: the launch is as
+//     cheap as torch's fused kernel, whose metadata are kernel arguments too, and a CUDA graph
+//     keeps the table in its kernel node, so a captured step replays with no host work.
+//   - long lists: in device memory (DeviceTable), built per call in pinned memory as
+//     [TensorMeta x num_tensors][BlockMeta x num_blocks] and copied asynchronously on the current
+//     stream. Any number of tensors fits ONE launch (torch's kernel-argument metadata split a
+//     list into launches of a few dozen tensors), which is what wins on many small tensors.
+//     During CUDA graph capture a long list is launched as several inline launches instead (a
+//     pinned upload cannot be captured: its host buffer would be recycled while replays read it).
 //
 // Per block: the chunk is processed with 16-byte vector loads/stores (4 fp32 or 8 bf16/fp16), 8
 // elements per thread per iteration (ILP: all loads are issued before the math), then a scalar
@@ -19,14 +25,10 @@
 // vectors of each wider stream as that takes (bf16 param with masters: 8 elements = 1 x 16 B of
 // grad and param, 2 x 16 B of master and each state).
 //
-// Table depth: the tensor table lives in device memory (not in kernel arguments as in torch's
-// MultiTensorApply, whose depth_to_max_tensors limits how many tensors fit a launch), so the extra
-// master pointer only widens TensorMeta (72 bytes); any number of tensors still fits one launch.
-//
 // Math: fp32 for every storage dtype, the per-element functions of update.h (shared with the CPU
-// kernel). step / grad_scale / found_inf are read from device memory inside the kernel (no host
-// sync); per-tensor step scalars (bias corrections) are computed once per block in double, like
-// the CPU path and torch's python code.
+// kernel). step / grad_scale / found_inf (and AdamW's lr when given as a tensor) are read from
+// device memory inside the kernel (no host sync, graph-capturable); the call's scalars are
+// computed once per block in double, like the CPU path and torch's python code.
 #include "ops.h"
 #include "update.h"
 
@@ -90,10 +92,9 @@ struct DeviceMeta {
 // reused before the copy ran; the device block is freed stream-ordered after the kernel.
 DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& device,
                        const char* op) {
-  // The pinned buffer would be recycled after capture while a graph replay still reads it.
-  TORCH_CHECK(at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None, op,
-              ": CUDA graph capture is not supported (the per-call tensor table is uploaded "
-              "from pinned host memory); call it outside torch.cuda.graph");
+  // Never called during capture (launch_table launches inline tables then): the pinned buffer
+  // would be recycled while a graph replay still reads the device copy.
+  TORCH_INTERNAL_ASSERT(at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None);
   int64_t num_blocks = 0;
   for (const auto& t : tms) num_blocks += (t.numel + kChunk - 1) / kChunk;
   TORCH_CHECK(num_blocks < INT32_MAX && tms.size() < static_cast<size_t>(INT32_MAX), op,
@@ -118,6 +119,74 @@ DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& dev
   out.tensors = reinterpret_cast<const TensorMeta*>(d);
   out.blocks = reinterpret_cast<const BlockMeta*>(d + tensor_bytes);
   return out;
+}
+
+// ------------------------------------------------------------------ tensor tables
+constexpr int kInlineTensors = 40;
+
+// A short list's table, passed by value as a kernel argument. Tensor t owns the blocks
+// [first_block[t], first_block[t + 1]); empty tensors are left out.
+struct InlineTable {
+  TensorMeta tensors[kInlineTensors];
+  int32_t first_block[kInlineTensors + 1];
+  int32_t num_tensors;
+  // Inlined, so the reads stay loads from the argument space (no local copy of the table).
+  __device__ __forceinline__ void locate(int32_t block, TensorMeta& tm, int32_t& chunk) const {
+    int32_t t = 0;
+    while (t + 1 < num_tensors && first_block[t + 1] <= block) ++t;  // uniform per block
+    tm = tensors[t];
+    chunk = block - first_block[t];
+  }
+};
+// Kernel arguments stay under the 4 KB every architecture and CUDA version accepts.
+static_assert(sizeof(InlineTable) + 256 <= 4096, "InlineTable too large for kernel arguments");
+
+// A long list's table, uploaded to device memory.
+struct DeviceTable {
+  const TensorMeta* tensors;
+  const BlockMeta* blocks;
+  __device__ __forceinline__ void locate(int32_t block, TensorMeta& tm, int32_t& chunk) const {
+    const BlockMeta bm = blocks[block];
+    tm = tensors[bm.tensor];
+    chunk = bm.chunk;
+  }
+};
+
+// Launches the list: launch(table, num_blocks) is called with an InlineTable (a short list, or
+// each piece of a long list during graph capture) or once with a DeviceTable (a long list).
+template <class Launch>
+void launch_table(const std::vector<TensorMeta>& tms, const at::Device& device, const char* op,
+                  const Launch& launch) {
+  const bool capturing =
+      at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+  size_t nonempty = 0;
+  for (const auto& t : tms) nonempty += t.numel > 0 ? 1 : 0;
+  if (nonempty > static_cast<size_t>(kInlineTensors) && !capturing) {
+    const DeviceMeta meta = upload_meta(tms, device, op);
+    if (meta.num_blocks > 0) launch(DeviceTable{meta.tensors, meta.blocks}, meta.num_blocks);
+    return;
+  }
+  InlineTable table;
+  std::memset(&table, 0, sizeof(table));
+  int64_t blocks = 0;
+  auto flush = [&] {
+    if (table.num_tensors == 0) return;
+    table.first_block[table.num_tensors] = static_cast<int32_t>(blocks);
+    launch(table, blocks);
+    std::memset(&table, 0, sizeof(table));
+    blocks = 0;
+  };
+  for (const auto& t : tms) {
+    if (t.numel == 0) continue;
+    const int64_t chunks = (t.numel + kChunk - 1) / kChunk;
+    TORCH_CHECK(chunks < INT32_MAX, op, ": a tensor of ", t.numel, " elements is too large");
+    if (table.num_tensors == kInlineTensors || blocks + chunks >= INT32_MAX) flush();
+    table.tensors[table.num_tensors] = t;
+    table.first_block[table.num_tensors] = static_cast<int32_t>(blocks);
+    ++table.num_tensors;
+    blocks += chunks;
+  }
+  flush();
 }
 
 // ------------------------------------------------------------------ device-side chunk engine
@@ -245,38 +314,47 @@ __device__ __forceinline__ StreamPtrs<S, NS> chunk_ptrs(const TensorMeta& tm, in
 
 // ------------------------------------------------------------------ AdamW
 struct AdamWKernelArgs {
-  double lr, beta1, beta2;
-  AdamWHostScalars hs;
+  double lr, beta1, beta2, weight_decay, eps;
+  // lr read at run time when the call got it as a tensor (one of them, or neither: then `lr`), so
+  // a captured graph's replays see the value a scheduler writes into it
+  const float* lr_f32;
+  const double* lr_f64;
   Flags flags;
   const float* grad_scale;
   const float* found_inf;
 };
 
-template <bool AMS, bool MASTER>
+template <bool AMS, bool MASTER, class Table>
 __global__ void __launch_bounds__(kBlock)
-    adamw_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
-                 const AdamWKernelArgs ka) {
+    adamw_kernel(const Table table, const AdamWKernelArgs ka) {
   if (ka.found_inf != nullptr && *ka.found_inf != 0.f) return;  // whole call is skipped
-  const BlockMeta bm = bms[blockIdx.x];
-  const TensorMeta& tm = tms[bm.tensor];
+  TensorMeta tm;
+  int32_t chunk;
+  table.locate(static_cast<int32_t>(blockIdx.x), tm, chunk);
   __shared__ AdamWArgs<float> sh;
+  __shared__ bool sh_small;
   if (threadIdx.x == 0) {
+    const double lr = ka.lr_f64 != nullptr   ? *ka.lr_f64
+                      : ka.lr_f32 != nullptr ? static_cast<double>(*ka.lr_f32)
+                                             : ka.lr;
+    const AdamWHostScalars hs = adamw_host_scalars(lr, ka.beta1, ka.beta2, ka.weight_decay, ka.eps);
     const AdamWStepScalars st =
-        adamw_step_scalars(ka.lr, ka.beta1, ka.beta2, static_cast<double>(*tm.step));
-    sh.lerp_w = ka.hs.lerp_w;
-    sh.beta2 = ka.hs.beta2;
-    sh.one_minus_beta2 = ka.hs.one_minus_beta2;
-    sh.decay = ka.hs.decay;
-    sh.eps = ka.hs.eps;
+        adamw_step_scalars(lr, ka.beta1, ka.beta2, static_cast<double>(*tm.step));
+    sh.lerp_w = hs.lerp_w;
+    sh.beta2 = hs.beta2;
+    sh.one_minus_beta2 = hs.one_minus_beta2;
+    sh.decay = hs.decay;
+    sh.eps = hs.eps;
     sh.neg_step = st.neg_step;
     sh.bc2_sqrt = st.bc2_sqrt;
     sh.grad_scale = ka.grad_scale != nullptr ? *ka.grad_scale : 1.f;
+    sh_small = hs.lerp_small;
   }
   __syncthreads();
   const AdamWArgs<float> a = sh;
-  const bool small = ka.hs.lerp_small;
+  const bool small = sh_small;
   const Flags f = ka.flags;
-  const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
+  const int64_t start = static_cast<int64_t>(chunk) * kChunk;
   const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
   constexpr int NS = AMS ? 3 : 2;  // exp_avg, exp_avg_sq[, max_exp_avg_sq]
   dispatch_dtype(tm.dtype, [&](auto tag) {
@@ -298,13 +376,13 @@ struct AdagradKernelArgs {
   const float* found_inf;
 };
 
-template <bool MASTER>
+template <bool MASTER, class Table>
 __global__ void __launch_bounds__(kBlock)
-    adagrad_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
-                   const AdagradKernelArgs ka) {
+    adagrad_kernel(const Table table, const AdagradKernelArgs ka) {
   if (ka.found_inf != nullptr && *ka.found_inf != 0.f) return;
-  const BlockMeta bm = bms[blockIdx.x];
-  const TensorMeta& tm = tms[bm.tensor];
+  TensorMeta tm;
+  int32_t chunk;
+  table.locate(static_cast<int32_t>(blockIdx.x), tm, chunk);
   __shared__ float sh_neg_clr;
   if (threadIdx.x == 0) sh_neg_clr = adagrad_neg_clr(ka.lr, ka.lr_decay, static_cast<double>(*tm.step));
   __syncthreads();
@@ -314,7 +392,7 @@ __global__ void __launch_bounds__(kBlock)
   a.neg_clr = sh_neg_clr;
   a.grad_scale = ka.grad_scale != nullptr ? *ka.grad_scale : 1.f;
   const Flags f = ka.flags;
-  const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
+  const int64_t start = static_cast<int64_t>(chunk) * kChunk;
   const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
   dispatch_dtype(tm.dtype, [&](auto tag) {
     using S = StorageOf<MASTER, decltype(tag)>;
@@ -334,18 +412,18 @@ struct SgdKernelArgs {
   const float* found_inf;
 };
 
-template <bool MOMENTUM, bool MASTER>
+template <bool MOMENTUM, bool MASTER, class Table>
 __global__ void __launch_bounds__(kBlock)
-    sgd_kernel(const TensorMeta* __restrict__ tms, const BlockMeta* __restrict__ bms,
-               const SgdKernelArgs ka) {
+    sgd_kernel(const Table table, const SgdKernelArgs ka) {
   if (ka.found_inf != nullptr && *ka.found_inf != 0.f) return;
-  const BlockMeta bm = bms[blockIdx.x];
-  const TensorMeta& tm = tms[bm.tensor];
+  TensorMeta tm;
+  int32_t chunk;
+  table.locate(static_cast<int32_t>(blockIdx.x), tm, chunk);
   SgdArgs<float> a = ka.a;
   a.grad_scale = ka.grad_scale != nullptr ? *ka.grad_scale : 1.f;
   const Flags f = ka.flags;
   const SgdFlags sf = ka.sflags;
-  const int64_t start = static_cast<int64_t>(bm.chunk) * kChunk;
+  const int64_t start = static_cast<int64_t>(chunk) * kChunk;
   const int64_t n = (tm.numel - start < kChunk) ? tm.numel - start : kChunk;
   constexpr int NS = MOMENTUM ? 1 : 0;
   // First step: the fresh momentum buffer is written, never read.
@@ -396,7 +474,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList state_steps, double lr, double beta1, double beta2,
                 double weight_decay, double eps, bool amsgrad, bool maximize,
                 const OptTensor& grad_scale, const OptTensor& found_inf,
-                at::TensorList master_params) {
+                at::TensorList master_params, const OptTensor& lr_tensor) {
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
   std::vector<TensorMeta> tms;
@@ -411,27 +489,31 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                               i, &state_steps[i]));
     }
   }
-  const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_adamw_");
-  if (meta.num_blocks == 0) return;
   AdamWKernelArgs ka{};
   ka.lr = lr;
   ka.beta1 = beta1;
   ka.beta2 = beta2;
-  ka.hs = adamw_host_scalars(lr, beta1, beta2, weight_decay, eps);
+  ka.weight_decay = weight_decay;
+  ka.eps = eps;
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    if (lr_tensor->scalar_type() == at::kDouble) ka.lr_f64 = lr_tensor->const_data_ptr<double>();
+    else ka.lr_f32 = lr_tensor->const_data_ptr<float>();
+  }
   ka.flags.maximize = maximize;
   ka.flags.has_wd = weight_decay != 0.0;
   ka.grad_scale = opt_ptr(grad_scale);
   ka.flags.has_scale = ka.grad_scale != nullptr;
   ka.found_inf = opt_ptr(found_inf);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(meta.num_blocks));
   with_bool(amsgrad, [&](auto ams) {
     with_bool(!master_params.empty(), [&](auto master) {
-      adamw_kernel<decltype(ams)::value, decltype(master)::value>
-          <<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+      launch_table(tms, device, "hift_ext::fused_adamw_", [&](const auto& table, int64_t blocks) {
+        adamw_kernel<decltype(ams)::value, decltype(master)::value>
+            <<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(table, ka);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
@@ -445,8 +527,6 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   for (size_t i = 0; i < params.size(); ++i)
     tms.push_back(
         make_meta(params[i], grads[i], {&state_sums[i]}, master_params, i, &state_steps[i]));
-  const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_adagrad_");
-  if (meta.num_blocks == 0) return;
   AdagradKernelArgs ka{};
   ka.lr = lr;
   ka.lr_decay = lr_decay;
@@ -458,12 +538,13 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   ka.flags.has_scale = ka.grad_scale != nullptr;
   ka.found_inf = opt_ptr(found_inf);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(meta.num_blocks));
   with_bool(!master_params.empty(), [&](auto master) {
-    adagrad_kernel<decltype(master)::value>
-        <<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+    launch_table(tms, device, "hift_ext::fused_adagrad_", [&](const auto& table, int64_t blocks) {
+      adagrad_kernel<decltype(master)::value>
+          <<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(table, ka);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -483,8 +564,6 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
       tms.push_back(make_meta(params[i], grads[i], {}, master_params, i, nullptr));
     }
   }
-  const DeviceMeta meta = upload_meta(tms, device, "hift_ext::fused_sgd_");
-  if (meta.num_blocks == 0) return;
   SgdKernelArgs ka{};
   ka.a.wd = static_cast<float>(weight_decay);
   ka.a.momentum = static_cast<float>(momentum);
@@ -500,14 +579,15 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   ka.sflags.nesterov = nesterov;
   ka.sflags.first_step = is_first_step;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(meta.num_blocks));
   with_bool(has_momentum, [&](auto mom) {
     with_bool(!master_params.empty(), [&](auto master) {
-      sgd_kernel<decltype(mom)::value, decltype(master)::value>
-          <<<grid, kBlock, 0, stream>>>(meta.tensors, meta.blocks, ka);
+      launch_table(tms, device, "hift_ext::fused_sgd_", [&](const auto& table, int64_t blocks) {
+        sgd_kernel<decltype(mom)::value, decltype(master)::value>
+            <<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(table, ka);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace optim

@@ -105,7 +105,7 @@ at::Device check_inputs(const char* op, const std::vector<NamedList>& lists,
 #ifndef HIFT_EXT_WITH_CUDA
 void adamw_cuda(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                 at::TensorList, double, double, double, double, double, bool, bool,
-                const OptTensor&, const OptTensor&, at::TensorList) {
+                const OptTensor&, const OptTensor&, at::TensorList, const OptTensor&) {
   no_cuda_kernels("hift_ext::fused_adamw_");
 }
 void adagrad_cuda(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double,
@@ -119,6 +119,18 @@ void sgd_cuda(at::TensorList, at::TensorList, at::TensorList, double, double, do
 #endif
 
 namespace {
+
+// AdamW's lr as a tensor: one float32/float64 element on the params' device, read by the kernel
+// when it runs (so a CUDA graph replays with the lr a scheduler last wrote into it).
+void check_lr_tensor(const char* op, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": lr_tensor must be a dense tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              ": lr_tensor must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, op, ": lr_tensor must hold exactly one element, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.device() == device, op, ": lr_tensor is on ", t.device(), " but params are on ",
+              device, " (pass the lr tensor on the params' device, or a python float)");
+}
 
 [[noreturn]] void bad_device(const char* op, const at::Device& d) {
   TORCH_CHECK(false, op, ": tensors on ", d, " are not supported (CPU and CUDA only)");
@@ -147,7 +159,7 @@ void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList ex
                   at::TensorList state_steps, double lr, double beta1, double beta2,
                   double weight_decay, double eps, bool amsgrad, bool maximize,
                   at::TensorList master_params, const OptTensor& grad_scale,
-                  const OptTensor& found_inf) {
+                  const OptTensor& found_inf, const OptTensor& lr_tensor) {
   const char* op = "hift_ext::fused_adamw_";
   const bool master = !master_params.empty();
   std::vector<NamedList> lists{{"params", params},
@@ -163,13 +175,18 @@ void fused_adamw_(at::TensorList params, at::TensorList grads, at::TensorList ex
   add_masters(lists, master_params);
   const NamedList steps{"state_steps", state_steps};
   const at::Device d = check_inputs(op, lists, &steps, grad_scale, found_inf);
+  const bool has_lr_tensor = lr_tensor.has_value() && lr_tensor->defined();
+  if (has_lr_tensor && !params.empty()) check_lr_tensor(op, *lr_tensor, d);
   if (params.empty() || d.is_meta()) return;  // meta/fake tensors: shape checks only
   if (d.is_cpu()) {
-    adamw_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+    // the CPU kernel takes the value (reading host memory is no sync)
+    const double lr_value = has_lr_tensor ? lr_tensor->item<double>() : lr;
+    adamw_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_value, beta1,
               beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, master_params);
   } else if (d.is_cuda()) {
     adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-               beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, master_params);
+               beta2, weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, master_params,
+               lr_tensor);
   } else {
     bad_device(op, d);
   }
@@ -246,13 +263,13 @@ void fused_adamw_view(c10::DispatchKeySet ks, at::TensorList params, at::TensorL
                       at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                       double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
                       bool maximize, at::TensorList master_params, const OptTensor& grad_scale,
-                      const OptTensor& found_inf) {
+                      const OptTensor& found_inf, const OptTensor& lr_tensor) {
   static const auto op = find_op<decltype(fused_adamw_)>("hift_ext::fused_adamw_");
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatch(ks & c10::after_ADInplaceOrView_keyset, params, grads, exp_avgs, exp_avg_sqs,
                   max_exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad,
-                  maximize, master_params, grad_scale, found_inf);
+                  maximize, master_params, grad_scale, found_inf, lr_tensor);
   }
   bump_versions(params);
   bump_versions(exp_avgs);
@@ -318,13 +335,14 @@ void fused_adamw_autograd(c10::DispatchKeySet ks, at::TensorList params, at::Ten
                           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr,
                           double beta1, double beta2, double weight_decay, double eps,
                           bool amsgrad, bool maximize, at::TensorList master_params,
-                          const OptTensor& grad_scale, const OptTensor& found_inf) {
+                          const OptTensor& grad_scale, const OptTensor& found_inf,
+                          const OptTensor& lr_tensor) {
   static const auto op = find_op<decltype(fused_adamw_)>("hift_ext::fused_adamw_");
   check_no_grad("hift_ext::fused_adamw_", params, master_params);
   at::AutoDispatchBelowAutograd guard;
   op.redispatch(ks & c10::after_autograd_keyset, params, grads, exp_avgs, exp_avg_sqs,
                 max_exp_avg_sqs, state_steps, lr, beta1, beta2, weight_decay, eps, amsgrad,
-                maximize, master_params, grad_scale, found_inf);
+                maximize, master_params, grad_scale, found_inf, lr_tensor);
 }
 
 void fused_adagrad_autograd(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads,
@@ -356,6 +374,9 @@ void fused_sgd_autograd(c10::DispatchKeySet ks, at::TensorList params, at::Tenso
 }  // namespace optim
 }  // namespace hift_ext
 
+// lr_tensor (fused_adamw_ only, optional): a one-element float32/float64 tensor on the params'
+// device; when given, the kernel reads lr from it at run time and the float lr is ignored (CUDA
+// graph capture: replays use the value last written into it, with no host sync per step).
 // master_params (keyword, required by the raw op; the python wrappers default it to []): empty,
 // or one float32 master weight per param. With masters the update runs in fp32 on the master
 // (states fp32, grads in the param's dtype) and each param receives its master rounded to the
@@ -366,7 +387,7 @@ TORCH_LIBRARY(hift_ext, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor[] state_steps, *, "
       "float lr, float beta1, float beta2, float weight_decay, float eps, bool amsgrad, "
       "bool maximize, Tensor(e!)[] master_params, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? lr_tensor=None) -> ()");
   m.def(
       "fused_adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
       "Tensor[] state_steps, *, float lr, float lr_decay, float weight_decay, float eps, "

@@ -64,7 +64,8 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::TensorList state_steps, double lr, double beta1, double beta2,
                 double weight_decay, double eps, bool amsgrad, bool maximize,
                 const OptTensor& grad_scale, const OptTensor& found_inf,
-                at::TensorList master_params);
+                at::TensorList master_params,
+                const OptTensor& lr_tensor);  // lr_tensor: read by the kernel instead of lr
 void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                   at::TensorList state_steps, double lr, double lr_decay, double weight_decay,
                   double eps, bool maximize, const OptTensor& grad_scale,

@@ -98,7 +98,17 @@ HIFT_HD AdamWStepScalars adamw_step_scalars(double lr, double beta1, double beta
   return {static_cast<float>(-(lr / bc1)), static_cast<float>(::sqrt(bc2))};
 }
 
-// Call-wide scalars from the python floats.
+// a * b rounded by itself: nvcc would fuse `1 - a*b` into one FMA (the CUDA kernel computes
+// these scalars on the device when lr is a tensor), the host compiler does not; both must agree.
+HIFT_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// Call-wide scalars from the python floats (on the host, or per block on the device).
 struct AdamWHostScalars {
   float lerp_w;
   bool lerp_small;  // torch.lerp: |w| < 0.5 ? m + w*(g-m) : g - (1-w)*(g-m)
@@ -113,7 +123,7 @@ HIFT_HD AdamWHostScalars adamw_host_scalars(double lr, double beta1, double beta
   s.lerp_w = s.lerp_small ? w : w - 1.0f;
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.decay = static_cast<float>(1.0 - lr * wd);
+  s.decay = static_cast<float>(1.0 - mul_rn(lr, wd));
   s.eps = static_cast<float>(eps);
   return s;
 }
