@@ -63,7 +63,7 @@ def _lr_kwargs(lr, device: torch.device) -> dict:
         lr = lr.to(device=device, dtype=torch.float64 if lr.dtype == torch.float64 else torch.float32,
                    non_blocking=True)
     # the float lr is ignored when lr_tensor is given: NaN makes a mistake there loud
-    return {"lr": math.nan, "lr_tensor": lr.reshape(())}
+    return {"lr": math.nan, "lr_tensor": lr}
 
 
 def _all_empty(*lists: Sequence[Tensor]) -> bool:
