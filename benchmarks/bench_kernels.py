@@ -51,7 +51,8 @@ def cases(device: str, quick: bool) -> list[tuple[str, int, int]]:
         big = [16 * M, 64 * M] if quick else [1 * M, 4 * M, 16 * M, 64 * M, 256 * M]
     else:
         big = [16 * M] if quick else [1 * M, 4 * M, 16 * M, 64 * M]
-    out = [("one", 1, n) for n in big]
+    # one 4K tensor: the cost of a step call itself (python, dispatch, launch), which decides small groups
+    out = [("one", 1, SMALL)] + [("one", 1, n) for n in big]
     out.append(("many", 2000, SMALL))
     if not quick:
         # 64M as 16K tensors makes torch's for-loop step take seconds on a small CPU: stop at 16M.
@@ -124,7 +125,7 @@ def graph_step_fn(opt, impl, params, grads):
     return graph.replay, None
 
 
-def run(device: str, optimizers: list[str], quick: bool) -> dict:
+def run(device: str, optimizers: list[str], quick: bool, max_params: int | None = None) -> dict:
     torch.manual_seed(0)
     rows = []
     ceiling_n = 64 * M if device == "cuda" else 32 * M
@@ -133,6 +134,8 @@ def run(device: str, optimizers: list[str], quick: bool) -> dict:
           f"{ceiling:.1f} GB/s", flush=True)
     for layout, n_tensors, numel in cases(device, quick):
         total = n_tensors * numel
+        if max_params is not None and total > max_params:
+            continue
         params, grads = make_lists(n_tensors, numel, device, 2)
         for opt in optimizers:
             impls = [("hift_ext", hift_step_fn(opt, params, grads, device), None)]
@@ -186,7 +189,7 @@ def _h(n: int) -> str:
     return f"{n // M}M" if n % M == 0 else (f"{n // 1024}K" if n % 1024 == 0 else str(n))
 
 
-def plot(result: dict, device: str) -> str | None:
+def plot(result: dict, device: str, name: str = "kernels") -> str | None:
     if not C.have_matplotlib():
         return None
     import matplotlib
@@ -212,7 +215,7 @@ def plot(result: dict, device: str) -> str | None:
         ax.legend(fontsize=7, ncol=3)
     fig.suptitle(f"hift_ext kernels on {C.device_name(device)}", fontsize=10)
     fig.tight_layout()
-    path = C.results_path("kernels", device, "png")
+    path = C.results_path(name, device, "png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -224,6 +227,9 @@ def main(argv=None) -> int:
                     help="all = cpu, plus cuda when a GPU is present (default)")
     ap.add_argument("--optimizers", default="adamw,adagrad,sgd")
     ap.add_argument("--quick", action="store_true", help="few sizes, short timing: a smoke run")
+    ap.add_argument("--max-params", type=int, default=None,
+                    help="only the cases with at most this many parameters (e.g. 1048576: the launch-bound ones)")
+    ap.add_argument("--name", default="kernels", help="results file stem: benchmarks/results/<name>-<device>.*")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--stat", choices=["min", "median"], default="min",
                     help="statistic over the timed calls (default min: robust on a shared machine)")
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
         devices.remove("cuda")
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     for device in devices:
-        res = run(device, optimizers, args.quick)
+        res = run(device, optimizers, args.quick, args.max_params)
         print()
         C.print_table(res["rows"], [
             ("optimizer", "opt", ""), ("case", "case", ""), ("impl", "impl", ""), ("time_ms", "ms", ".3f"),
@@ -248,10 +254,10 @@ def main(argv=None) -> int:
             ("graph_speedup_vs_fused_graph", "graph: x fused", ".2f"),
         ])
         print(f"ceiling: {res['ceiling']['op']} {res['ceiling']['gb_s']:.1f} GB/s")
-        path = C.write_results("kernels", device, res)
+        path = C.write_results(args.name, device, res)
         print(f"wrote {path}")
         if not args.no_plot:
-            png = plot(res, device)
+            png = plot(res, device, args.name)
             if png:
                 print(f"wrote {png}")
     return 0

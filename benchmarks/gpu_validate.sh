@@ -68,7 +68,8 @@ for s in $STAGES; do
       XDIST=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
       OMP_NUM_THREADS=2 stage tests-all 240 $PY -m pytest -q --no-header -rfE -p no:cacheprovider \
         $XDIST tests ;;
-    kernels) stage kernels 150 $PY benchmarks/bench_kernels.py --device cuda ;;
+    kernels)  # incl. inline vs device tensor tables and CUDA-graph replays vs torch fused (issue 17)
+      stage kernels 180 $PY benchmarks/bench_kernels.py --device cuda ;;
     overlap) stage overlap 150 $PY benchmarks/bench_overlap.py --models 1b --cycles 2 --profile ;;
     overlap-bf16)  # LLaMA-7B bf16 + fp32 masters streamed under 2 GiB: step time vs its transfer floor,
       # and K = 1, 4 (issue 14: traffic per step / K). Holds a resident copy beside: ~110 GB, H200 only

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "offload/bindings.h"
+#include "optim/bindings.h"
 #include "optim/ops.h"
 
 namespace {
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU optimizer kernels in use: 'avx2' or 'generic' "
         "(HIFT_EXT_CPU_ISA=generic forces the portable ones).");
   hift_ext::bind_offload(m);
+  hift_ext::bind_optim_calls(m);
 }

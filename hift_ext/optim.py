@@ -47,11 +47,17 @@ __all__ = [
 ]
 
 
+_OPS = None
+
+
 def _ops():
     """The kernel wrappers, imported on first use so that importing hift_ext never needs _C."""
-    from hift_ext import ops
+    global _OPS
+    if _OPS is None:
+        from hift_ext import ops
 
-    return ops
+        _OPS = ops
+    return _OPS
 
 
 def _scalar(x: Any) -> float:
@@ -67,6 +73,8 @@ def _check_finite(owner: str, **values: Any) -> None:
     """Refuse inf/NaN hyperparameters: they train silently to NaN weights (torch.optim's own range
     checks let inf, and NaN momentum/dampening, through)."""
     for name, value in values.items():
+        if type(value) is float and math.isfinite(value):  # the usual case, checked at every step
+            continue
         items = value if isinstance(value, (tuple, list)) else (value,)
         for v in items:
             if isinstance(v, bool) or v is None:
@@ -398,7 +406,7 @@ class _FusedOptimizer(Optimizer):
         if not params:
             return 0
         self._check_hypers(group, at_step=True)  # a scheduler or user code may have set lr to inf/NaN
-        if not group.get("capturable"):
+        if params[0].is_cuda and not group.get("capturable"):
             self._check_not_capturing()
         plan = self._plan(group, params)
         for share in plan.shares:
