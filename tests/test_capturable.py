@@ -6,6 +6,10 @@ table (issue 17).
 - FusedAdamW(capturable=True, lr=tensor) trains bitwise like FusedAdamW(lr=float) while a
   scheduler writes new values into the tensor; the lr tensor is validated with a clear error;
 - HiFT optimizers refuse capturable=True, naming why and what to use instead;
+- the CUDA launch plan (csrc/optim/launch_plan.h, run here through _C._launch_plan): short lists
+  and every piece of a long list during capture are inline launches of at most 40 tensors whose
+  blocks locate every chunk of every non-empty tensor exactly once; a long list outside capture
+  takes one launch over a device table;
 - CUDA: short lists (table in the kernel arguments), long lists (table in device memory) and
   empty tensors between them give the CPU kernel's results; a FusedAdamW step captured in a CUDA
   graph and replayed with new grads and a new lr equals the same steps taken eagerly, for a short
@@ -228,3 +232,40 @@ def test_cuda_graph_capture_needs_state_and_capturable():
         with pytest.raises(RuntimeError, match="without capturable=True"):
             plain.step()
     assert float(plain.state[params[0]]["step"]) == 1.0
+
+
+# --------------------------------------------------------------------------- the launch plan, on any machine
+def _check_plan(numels, capturing):
+    from hift_ext import _C
+
+    launches = _C._launch_plan(numels, capturing)
+    nonempty = [i for i, n in enumerate(numels) if n > 0]
+    if launches is None:  # one launch over a device table: long lists outside capture only
+        assert len(nonempty) > _C._INLINE_TENSORS and not capturing
+        return None
+    chunks = lambda n: -(-n // _C._CHUNK)  # noqa: E731
+    covered = [pair for launch in launches for pair in launch]
+    # every chunk of every non-empty tensor exactly once, in order; never an empty tensor
+    assert covered == [(i, c) for i in nonempty for c in range(chunks(numels[i]))]
+    for launch in launches:
+        assert 0 < len({i for i, _ in launch}) <= _C._INLINE_TENSORS
+    return launches
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_launch_plan_covers_every_chunk_once(capturing):
+    from hift_ext import _C
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        [1], [0], [0, 0, 5], [_C._CHUNK], [_C._CHUNK + 1, 3 * _C._CHUNK, 7],
+        [3] * _C._INLINE_TENSORS, [3] * (_C._INLINE_TENSORS + 1), [0] * 50 + [9] * 40,
+        [int(n) for n in torch.randint(0, 3 * _C._CHUNK, (150,), generator=g)],
+    ]
+    for numels in cases:
+        launches = _check_plan(numels, capturing)
+        n_nonempty = sum(1 for n in numels if n > 0)
+        if capturing or n_nonempty <= _C._INLINE_TENSORS:
+            assert len(launches) == -(-n_nonempty // _C._INLINE_TENSORS)
+        else:
+            assert launches is None

@@ -6,6 +6,8 @@
 // uses them outside torch.compile tracing and torch.ops otherwise.
 #include "bindings.h"
 
+#include "launch_plan.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
@@ -78,6 +80,32 @@ void fused_sgd(const Tensors& params, const Tensors& grads, const Tensors& momen
   });
 }
 
+// The CUDA launch plan of a list of tensor sizes (launch_plan.h), for tests on any machine: None
+// when the list takes one launch over a device table, else per inline launch the (tensor index,
+// chunk) that each of its blocks locates.
+pybind11::object launch_plan(const std::vector<int64_t>& numels, bool capturing) {
+  struct Meta {
+    int64_t numel;
+    int64_t index;
+  };
+  std::vector<Meta> tms;
+  for (size_t i = 0; i < numels.size(); ++i) tms.push_back({numels[i], static_cast<int64_t>(i)});
+  if (optim::plan::use_device_table(tms, capturing)) return pybind11::none();
+  pybind11::list launches;
+  optim::plan::for_each_inline_table(tms, [&](const optim::plan::InlineTable<Meta>& table,
+                                              int64_t blocks) {
+    pybind11::list located;
+    for (int64_t b = 0; b < blocks; ++b) {
+      Meta tm;
+      int32_t chunk;
+      table.locate(static_cast<int32_t>(b), tm, chunk);
+      located.append(pybind11::make_tuple(tm.index, chunk));
+    }
+    launches.append(located);
+  });
+  return launches;
+}
+
 }  // namespace
 
 void bind_optim_calls(pybind11::module_& m) {
@@ -85,6 +113,11 @@ void bind_optim_calls(pybind11::module_& m) {
   m.def("fused_adamw_", &fused_adamw, "torch.ops.hift_ext.fused_adamw_, called directly");
   m.def("fused_adagrad_", &fused_adagrad, "torch.ops.hift_ext.fused_adagrad_, called directly");
   m.def("fused_sgd_", &fused_sgd, "torch.ops.hift_ext.fused_sgd_, called directly");
+  m.def("_launch_plan", &launch_plan, pybind11::arg("numels"), pybind11::arg("capturing"),
+        "CUDA launch plan of tensors of these sizes (tests): None = one launch over a device "
+        "table, else per inline launch the (tensor index, chunk) of each block");
+  m.attr("_INLINE_TENSORS") = optim::plan::kInlineTensors;
+  m.attr("_CHUNK") = optim::plan::kChunk;
 }
 
 }  // namespace hift_ext

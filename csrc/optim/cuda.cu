@@ -29,6 +29,7 @@
 // kernel). step / grad_scale / found_inf (and AdamW's lr when given as a tensor) are read from
 // device memory inside the kernel (no host sync, graph-capturable); the call's scalars are
 // computed once per block in double, like the CPU path and torch's python code.
+#include "launch_plan.h"
 #include "ops.h"
 #include "update.h"
 
@@ -49,7 +50,7 @@ namespace optim {
 namespace {
 
 constexpr int kBlock = 512;       // threads per block
-constexpr int64_t kChunk = 65536;  // elements per block (multiple of every vector width)
+constexpr int64_t kChunk = plan::kChunk;  // elements per block (multiple of every vector width)
 constexpr int kElemsPerThread = 8;  // per iteration: 2 x float4, or 1 x 8 bf16/fp16
 
 enum DTypeCode : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -122,23 +123,9 @@ DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& dev
 }
 
 // ------------------------------------------------------------------ tensor tables
-constexpr int kInlineTensors = 40;
-
-// A short list's table, passed by value as a kernel argument. Tensor t owns the blocks
-// [first_block[t], first_block[t + 1]); empty tensors are left out.
-struct InlineTable {
-  TensorMeta tensors[kInlineTensors];
-  int32_t first_block[kInlineTensors + 1];
-  int32_t num_tensors;
-  // Inlined, so the reads stay loads from the argument space (no local copy of the table).
-  __device__ __forceinline__ void locate(int32_t block, TensorMeta& tm, int32_t& chunk) const {
-    int32_t t = 0;
-    while (t + 1 < num_tensors && first_block[t + 1] <= block) ++t;  // uniform per block
-    tm = tensors[t];
-    chunk = block - first_block[t];
-  }
-};
-// Kernel arguments stay under the 4 KB every architecture and CUDA version accepts.
+// Short lists: InlineTable (launch_plan.h) in the kernel arguments. Kernel arguments stay under the
+// 4 KB every architecture and CUDA version accepts.
+using InlineTable = plan::InlineTable<TensorMeta>;
 static_assert(sizeof(InlineTable) + 256 <= 4096, "InlineTable too large for kernel arguments");
 
 // A long list's table, uploaded to device memory.
@@ -159,34 +146,16 @@ void launch_table(const std::vector<TensorMeta>& tms, const at::Device& device, 
                   const Launch& launch) {
   const bool capturing =
       at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
-  size_t nonempty = 0;
-  for (const auto& t : tms) nonempty += t.numel > 0 ? 1 : 0;
-  if (nonempty > static_cast<size_t>(kInlineTensors) && !capturing) {
+  if (plan::use_device_table(tms, capturing)) {
     const DeviceMeta meta = upload_meta(tms, device, op);
     if (meta.num_blocks > 0) launch(DeviceTable{meta.tensors, meta.blocks}, meta.num_blocks);
     return;
   }
-  InlineTable table;
-  std::memset(&table, 0, sizeof(table));
-  int64_t blocks = 0;
-  auto flush = [&] {
-    if (table.num_tensors == 0) return;
-    table.first_block[table.num_tensors] = static_cast<int32_t>(blocks);
-    launch(table, blocks);
-    std::memset(&table, 0, sizeof(table));
-    blocks = 0;
-  };
-  for (const auto& t : tms) {
-    if (t.numel == 0) continue;
-    const int64_t chunks = (t.numel + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks < INT32_MAX, op, ": a tensor of ", t.numel, " elements is too large");
-    if (table.num_tensors == kInlineTensors || blocks + chunks >= INT32_MAX) flush();
-    table.tensors[table.num_tensors] = t;
-    table.first_block[table.num_tensors] = static_cast<int32_t>(blocks);
-    ++table.num_tensors;
-    blocks += chunks;
+  try {
+    plan::for_each_inline_table(tms, launch);
+  } catch (const std::length_error& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
   }
-  flush();
 }
 
 // ------------------------------------------------------------------ device-side chunk engine
