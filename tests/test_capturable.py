@@ -124,16 +124,18 @@ def test_capturable_with_a_tensor_lr_trains_like_a_float_lr(device):
     lr = torch.tensor(1e-2, dtype=torch.float64, device=device)
     o1 = FusedAdamW(m1.parameters(), lr=lr, capturable=True, amsgrad=True)
     o2 = FusedAdamW(m2.parameters(), lr=1e-2, amsgrad=True)
+    # torch's schedulers write a tensor lr in place (lr.fill_), a float one into the group
+    s1, s2 = (torch.optim.lr_scheduler.StepLR(o, 1, gamma=0.7) for o in (o1, o2))
     x = torch.randn(8, 6, device=device)
-    for k in range(5):
+    for _ in range(5):
         for m in (m1, m2):
             m.zero_grad()
             m(x).square().mean().backward()
         o1.step()
         o2.step()
-        new_lr = 1e-2 * 0.7 ** (k + 1)  # a scheduler writing into the tensor / the group
-        lr.fill_(new_lr)
-        o2.param_groups[0]["lr"] = new_lr
+        s1.step()
+        s2.step()
+    assert o1.param_groups[0]["lr"] is lr and float(lr) == o2.param_groups[0]["lr"]
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
