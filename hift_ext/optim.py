@@ -73,8 +73,8 @@ def _check_finite(owner: str, **values: Any) -> None:
     """Refuse inf/NaN hyperparameters: they train silently to NaN weights (torch.optim's own range
     checks let inf, and NaN momentum/dampening, through)."""
     for name, value in values.items():
-        if type(value) is float and math.isfinite(value):  # the usual case, checked at every step
-            continue
+        if type(value) is int or (type(value) is float and math.isfinite(value)):  # the usual case,
+            continue                                                               # at every step
         items = value if isinstance(value, (tuple, list)) else (value,)
         for v in items:
             if isinstance(v, bool) or v is None:
