@@ -333,8 +333,8 @@ def plot(result: dict, png: str) -> None:
     a2.set_ylabel("exact match on the dev subset (%)")
     a2.set_title("final-answer exact match (greedy)")
     a2.tick_params(axis="x", labelsize=7, rotation=20)
-    if sweep or runs:
-        allr = sorted([r for r in runs if r["mode"] == "hift"] + sweep, key=lambda r: -r["eval_loss"])
+    allr = sorted([r for r in runs if r["mode"] == "hift"] + sweep, key=lambda r: -r["eval_loss"])
+    if allr:  # (none yet while only the untrained and full runs have finished)
         a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
         a3.set_yticks(range(len(allr)), [r["name"] for r in allr], fontsize=7)
         full = next((r for r in runs if r["name"] == "full-adamw"), None)
