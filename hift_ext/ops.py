@@ -48,9 +48,14 @@ def _call(name: str, lists: tuple, kw: dict) -> None:
     keyword in the schema's order): through _C's entry point, or through torch.ops while
     torch.compile traces (dynamo records torch.ops calls, not pybind functions)."""
     if _direct is not None and not torch.compiler.is_compiling():
-        getattr(_direct, name)(*lists, *kw.values())
-    else:
-        getattr(_ops, name)(*lists, **kw)
+        try:
+            getattr(_direct, name)(*lists, *kw.values())
+            return
+        except TypeError:
+            # pybind could not convert an argument (None in a list, ...): nothing ran, and
+            # torch.ops' argument parser names the bad one
+            pass
+    getattr(_ops, name)(*lists, **kw)
 
 
 def _scalar(x, name: str) -> float:

@@ -2,7 +2,8 @@
 torch.compile, and through torch.ops while dynamo traces. Both must be the same call:
 
 - identical results, bitwise, for AdamW (float and tensor lr), AdaGrad and SGD;
-- identical errors: RuntimeError with the op's message and no C++ backtrace;
+- identical errors: RuntimeError with the op's message and no C++ backtrace; an argument pybind
+  cannot convert (None in a list) falls back to torch.ops, whose parser names it;
 - the dispatcher's keys still apply on the direct path: a TorchDispatchMode sees the op, and the
   autograd kernel refuses params that require grad under grad mode.
 """
@@ -81,3 +82,10 @@ def test_dispatch_modes_and_autograd_still_apply(path):
     with pytest.raises(RuntimeError, match="params require grad and grad mode is enabled"):
         ops.fused_sgd_([w], [torch.randn(5)], [], lr=1e-2, momentum=0.0, dampening=0.0, nesterov=False,
                        weight_decay=0.0, maximize=False, is_first_step=False)
+
+
+def test_an_argument_pybind_cannot_convert_gets_torch_ops_message(path):
+    p = [torch.randn(3)]
+    with pytest.raises(RuntimeError, match="for argument 'grads'"):
+        ops.fused_sgd_(p, [None], [], lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                       maximize=False, is_first_step=False)
