@@ -122,7 +122,8 @@ def graph_step_fn(opt, impl, params, grads):
             o.step()
     except (RuntimeError, ValueError, TypeError) as exc:
         return None, str(exc).splitlines()[0][:80]
-    return graph.replay, None
+    # the replays write the optimizer's state tensors: keep the optimizer (and so them) alive
+    return (lambda g=graph, keep=o: g.replay()), None
 
 
 def run(device: str, optimizers: list[str], quick: bool, max_params: int | None = None) -> dict:
