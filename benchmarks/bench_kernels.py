@@ -81,21 +81,25 @@ def make_lists(n_tensors, numel, device, k):
     return [[torch.randn(numel, device=device) for _ in range(n_tensors)] for _ in range(k)]
 
 
+def _params_with_grads(params, grads):
+    """Parameters sharing the storage of ``params``, with ``grads`` as their gradients."""
+    ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    return ps
+
+
 def hift_step_fn(opt, params, grads, device):
     """hift_ext's drop-in optimizer step on the group, measured exactly like torch's .step()
     (kernel + step-counter bump + list building), so the ratio is what a user gets."""
-    ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]  # shares storage
-    for p, g in zip(ps, grads):
-        p.grad = g
+    ps = _params_with_grads(params, grads)
     o = HIFT_CLS[opt](ps, **HP[opt])
     o.step()  # creates the state outside the timed region
     return o.step
 
 
 def torch_step_fn(opt, impl, params, grads):
-    ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]  # shares storage
-    for p, g in zip(ps, grads):
-        p.grad = g
+    ps = _params_with_grads(params, grads)
     try:
         o = TORCH_CLS[opt](ps, **HP[opt], **TORCH_IMPLS[impl])
         o.step()  # creates the state outside the timed region
@@ -107,9 +111,7 @@ def torch_step_fn(opt, impl, params, grads):
 def graph_step_fn(opt, impl, params, grads):
     """AdamW with capturable=True and a device lr, one step captured in a CUDA graph: the replay
     is what a user who captures the step pays (no host work per step at all)."""
-    ps = [torch.nn.Parameter(p, requires_grad=True) for p in params]  # shares storage
-    for p, g in zip(ps, grads):
-        p.grad = g
+    ps = _params_with_grads(params, grads)
     hp = dict(HP[opt], lr=torch.tensor(HP[opt]["lr"], device="cuda"))
     try:
         if impl == "hift_ext":

@@ -109,6 +109,11 @@ def _check_param(p: Tensor, owner: str) -> None:
         raise TypeError(f"{owner}: sparse parameters are not supported; use a dense parameter")
 
 
+def _stream_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 #: the state key of a parameter's fp32 master copy (bf16/fp16 parameters with master weights)
 MASTER_KEY = "master_param"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -374,7 +379,7 @@ class _FusedOptimizer(Optimizer):
                 and not all(d.get(s.keys[0]) is not None for s in plan.shares if s.keys for d in s.dicts)
             )
         ):
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if _stream_capturing():
                 raise RuntimeError(
                     f"{type(self).__name__}.step() is being captured before its state exists (or after "
                     "the parameters with gradients or the state changed); take the same step once "
@@ -384,7 +389,7 @@ class _FusedOptimizer(Optimizer):
         return plan
 
     def _check_not_capturing(self) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if _stream_capturing():
             raise RuntimeError(
                 f"{type(self).__name__}.step() was called during CUDA graph capture without "
                 "capturable=True; build FusedAdamW(..., capturable=True) (with a tensor lr on the GPU "

@@ -97,7 +97,7 @@ DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& dev
   // would be recycled while a graph replay still reads the device copy.
   TORCH_INTERNAL_ASSERT(at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None);
   int64_t num_blocks = 0;
-  for (const auto& t : tms) num_blocks += (t.numel + kChunk - 1) / kChunk;
+  for (const auto& t : tms) num_blocks += plan::chunks_of(t.numel);
   TORCH_CHECK(num_blocks < INT32_MAX && tms.size() < static_cast<size_t>(INT32_MAX), op,
               ": too many chunks for one launch");
   DeviceMeta out;
@@ -111,7 +111,7 @@ DeviceMeta upload_meta(const std::vector<TensorMeta>& tms, const at::Device& dev
   auto* bm = reinterpret_cast<BlockMeta*>(h + tensor_bytes);
   int64_t b = 0;
   for (size_t t = 0; t < tms.size(); ++t) {
-    const int64_t chunks = (tms[t].numel + kChunk - 1) / kChunk;
+    const int64_t chunks = plan::chunks_of(tms[t].numel);
     for (int64_t c = 0; c < chunks; ++c) bm[b++] = {static_cast<int32_t>(t), static_cast<int32_t>(c)};
   }
   out.buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
