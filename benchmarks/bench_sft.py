@@ -250,7 +250,7 @@ def compare(result: dict) -> dict:
         # epochs (the runs' own clocks also measure how busy the shared machine was at the time)
         sb = speed["speedup"]
         full_fair = {"eval_history": [{"elapsed_s": e["epoch"] * sb, "eval_loss": e["eval_loss"]} for e in fh]}
-        hift_end = hh[-1]["epoch"]
+        hift_end = hift["epochs"]  # fractional for a max_steps run (its last evaluation's "epoch" is rounded up)
         c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
         c["equal_time_target_met_side_by_side"] = hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
     if base:
@@ -312,7 +312,7 @@ def plot(result: dict, png: str) -> None:
     hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
     sb = (result.get("comparison") or {}).get("speedup_side_by_side")  # the speed run of the reference's setting
     if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
-        per_epoch = hift["train_time_s"] / hift["eval_history"][-1]["epoch"]
+        per_epoch = hift["train_time_s"] / hift["epochs"]
         pts = ([(0.0, start)] if start is not None else []) + \
             [(e["epoch"] * per_epoch * sb, e["eval_loss"]) for e in full["eval_history"]]
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "s:", color="black",

@@ -14,6 +14,7 @@ training examples/s side by side, and writes benchmarks/results/sst2-<device>.js
     python benchmarks/bench_sst2.py --speed "full-adamw;hift-adamw;hift-adamw:steps_per_group=2"
     python benchmarks/bench_sst2.py --study "hift-adamw:steps_per_group=2"
     python benchmarks/bench_sst2.py --study "hift-adamw:steps_per_group=2,epochs=4"   # HiFT's time saved, spent
+    python benchmarks/bench_sst2.py --study "hift-adamw:steps_per_group=2,max_steps=913"   # full FT's time budget
 
 --speed times the configs side by side in one process (steps in rotation on the same batches, so a
 loaded machine slows them alike) and files the seconds per step under "speed". --study compares a
@@ -174,7 +175,7 @@ def compare(result: dict) -> dict:
 
 
 TRAINING_KEYS = ("full", "optimizer", "precision", "lr", "group_size", "strategy", "steps_per_group", "lr_hold", "epochs",
-                 "batch_size", "max_length", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm",
+                 "max_steps", "batch_size", "max_length", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm",
                  "max_train_examples", "max_eval_examples")
 
 
@@ -229,6 +230,11 @@ def run_speed(settings: list, n_steps: int) -> dict:
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def _eval_step(ev: dict, run: dict) -> float:
+    """The optimizer step an evaluation of ``run`` followed (older records only name the epoch)."""
+    return ev["step"] if "step" in ev else ev["epoch"] * run["steps"] / run["epochs"]
+
+
 def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     """HiFT config ``hift_name`` against ``full_name`` over every seed measured of both."""
     from _common import interpolate
@@ -254,15 +260,15 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     rows = {}
     for sd in seeds:
         h, f = hift[sd], full[sd]
-        spe = h["steps"] / h["epochs"]
-        f_pts = [(e["epoch"] * (f["steps"] / f["epochs"]) * tf, e["eval_accuracy"]) for e in f["eval_history"]]
+        # an evaluation's time is its step on the clock: a max_steps run ends inside an epoch
+        f_pts = [(_eval_step(e, f) * tf, e["eval_accuracy"]) for e in f["eval_history"]]
         h_time = h["steps"] * th
         rows[str(sd)] = {
             "hift": h["eval_accuracy"], "full": f["eval_accuracy"],
             "hift_train_time_s": h_time, "full_train_time_s": f["steps"] * tf,
             # None: HiFT finished before full FT's first evaluation (nothing to interpolate from)
             "full_at_hift_time": interpolate(f_pts, h_time) if h_time >= f_pts[0][0] else None,
-            "hift_history": [(e["epoch"] * spe * th, e["eval_accuracy"]) for e in h["eval_history"]],
+            "hift_history": [(_eval_step(e, h) * th, e["eval_accuracy"]) for e in h["eval_history"]],
             "full_history": f_pts}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     out = {"hift": hift_name, "full": full_name, "seeds": seeds,
