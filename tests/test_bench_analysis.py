@@ -1,0 +1,75 @@
+"""The benchmarks' equal-time analysis: bench_sst2's --study and bench_sft's comparison place a run that
+stops inside an epoch (max_steps) at its real step, and keep it apart from the epoch runs of the same
+config. Synthetic records; nothing is trained."""
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+bench_sst2 = pytest.importorskip("bench_sst2")
+bench_sft = pytest.importorskip("bench_sft")
+
+SPE = 10  # steps per epoch of the synthetic runs
+
+
+def _record(name, seed, accs, *, full, steps=None, **settings):
+    """An SST-2 record: evaluations after each epoch, the last one at ``steps`` when given (max_steps)."""
+    steps = steps or SPE * len(accs)
+    hist = [{"epoch": i + 1, "step": min((i + 1) * SPE, steps), "eval_accuracy": a} for i, a in enumerate(accs)]
+    st = {"epochs": 3, "batch_size": 32, "max_length": 64, "seed": seed, "full": full, "optimizer": "adamw",
+          "lr": 5e-5 if full else 1e-4, **settings}
+    if not full:
+        st.setdefault("steps_per_group", 2)
+    return {"name": name, "settings": st, "eval_history": hist, "eval_accuracy": accs[-1], "steps": steps,
+            "epochs": round(steps / SPE, 4)}
+
+
+def _sst2_result():
+    full = [_record("full-adamw", s, [0.86, 0.88, 0.87], full=True) for s in (0, 1)]
+    epochs3 = [_record("hift-adamw", s, [0.85, 0.86, 0.865], full=False) for s in (0, 1)]
+    budget = [_record("hift-adamw:max_steps=45", s, [0.85, 0.86, 0.87, 0.88, 0.89], full=False, steps=45,
+                      max_steps=45) for s in (0, 1)]
+    speed_settings = {n: r["settings"] for n, r in (("full-adamw", full[0]), ("hift-adamw", epochs3[0]))}
+    return {"runs": full + epochs3, "sweep": budget,
+            "speed": {"full-adamw | hift-adamw": {"seconds_per_step": {"full-adamw": 1.5, "hift-adamw": 1.0},
+                                                  "settings": speed_settings}}}
+
+
+def test_sst2_study_places_a_max_steps_run_at_its_last_step():
+    st = bench_sst2.study(_sst2_result(), "hift-adamw:max_steps=45")
+    row = st["per_seed"]["0"]
+    assert [t for t, _ in row["hift_history"]] == [10.0, 20.0, 30.0, 40.0, 45.0]  # not 50 s for the 5th
+    assert row["hift_train_time_s"] == 45.0
+    assert [t for t, _ in row["full_history"]] == [15.0, 30.0, 45.0]
+    assert row["full_at_hift_time"] == pytest.approx(0.87)  # full FT's end: the same time budget
+    assert st["hift_mean"] == pytest.approx(0.89) and st["equal_time_target_met"]
+    assert st["equal_epochs_gap_points"] is None  # 4.5 epochs against 3: no equal-epoch figure
+
+
+def test_sst2_study_keeps_max_steps_runs_apart_from_the_epoch_runs():
+    st = bench_sst2.study(_sst2_result(), "hift-adamw")
+    assert st["hift_mean"] == pytest.approx(0.865)  # the 3-epoch runs only, not the 45-step ones
+    assert st["equal_epochs_gap_points"] == pytest.approx(0.5)
+
+
+def test_sft_side_by_side_comparison_uses_a_max_steps_runs_fractional_epochs():
+    def run(name, mode, losses, epochs, steps):
+        hist = [{"epoch": i + 1, "eval_loss": v, "elapsed_s": 60.0 * (i + 1)} for i, v in enumerate(losses)]
+        st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "full": mode == "full",
+              "optimizer": "adamw", "group_size": 8, "strategy": "up2down", "steps_per_group": 4}
+        return {"name": name, "mode": mode, "eval_history": hist, "eval_loss": losses[-1], "epochs": epochs,
+                "steps": steps, "train_time_s": 60.0 * epochs, "train_tokens_per_s": 1.0, "settings": st}
+
+    full = run("full-adamw", "full", [1.0, 0.9, 0.8], 3, 120)
+    hift = run("hift-adamw", "hift", [1.2, 1.0, 0.95, 0.94], 3.2, 128)  # 4 evaluations, 3.2 epochs
+    speed = dict(run("speed", "speed", [1.0], 1, 40), speedup=1.6)
+    speed["settings"]["full"] = False
+    c = bench_sft.compare({"runs": [full, hift, speed], "sweep": []})
+    # 3.2 HiFT epochs at 1.6x = 2.0 full epochs: full FT's 2nd evaluation (0.9), not 4 / 1.6 = 2.5 (0.85)
+    assert c["speedup_side_by_side"] == 1.6
+    assert c["full_loss_at_hift_time_side_by_side"] == pytest.approx(0.9)
+    assert c["equal_time_target_met_side_by_side"] is False
