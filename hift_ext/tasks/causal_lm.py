@@ -144,7 +144,8 @@ class CausalLMTask(Task):
     # full FT's tokens/s, timed side by side), 8 groups of 4 at lr 1e-4 1.0657 (1.85x), 2 groups of 16
     # at lr 1e-4 1.0522 (1.37x); with 80 steps, 8 groups give each group only 10. Over 256 dev
     # responses (full fine-tuning 1.0285), 4 groups of 8 at lr 1e-4 / 1.5e-4 / 2e-4 / 3e-4 / 4e-4:
-    # 1.0378 / 1.0423 / 1.0556 / 1.0861 / 1.1274, hence lr 1e-4. The AdaGrad/SGD rates are first guesses.
+    # 1.0378 / 1.0423 / 1.0556 / 1.0861 / 1.1274, and lower, 7e-5 / 5e-5: 1.0421 / 1.0507, hence lr 1e-4.
+    # The AdaGrad/SGD rates are first guesses.
     defaults: Dict[str, Any] = {
         "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
         "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256,
