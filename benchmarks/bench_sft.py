@@ -206,6 +206,18 @@ def loss_at_time(run: dict, t: float, start_loss) -> float:
     return interpolate(pts, t) if pts else None
 
 
+def _progress(e: dict, run: dict) -> float:
+    """Epochs of training behind evaluation ``e`` of ``run``, from its step (an --eval-steps
+    evaluation lies inside an epoch; a max_steps run's last one inside its last epoch)."""
+    spe = run["steps"] / run["epochs"] if run.get("steps") and run.get("epochs") else None
+    return e["step"] / spe if spe and e.get("step") is not None else e["epoch"]
+
+
+def _epoch_ends(history: list) -> list:
+    """The evaluations at epoch ends (records from before --eval-steps have no trigger)."""
+    return [e for e in history if e.get("trigger", "epoch") == "epoch"]
+
+
 def compare(result: dict) -> dict:
     runs = {r["name"]: r for r in result.get("runs", [])}
     base = runs.get("untrained")
@@ -214,7 +226,7 @@ def compare(result: dict) -> dict:
     hift = runs.get(ref) or {r["name"]: r for r in result.get("sweep", [])}.get(ref)
     if not full or not hift:
         return {}
-    fh, hh = full["eval_history"], hift["eval_history"]
+    fh, hh = _epoch_ends(full["eval_history"]), _epoch_ends(hift["eval_history"])
     per_epoch = [{"epoch": a["epoch"], "full_loss": a["eval_loss"], "hift_loss": b["eval_loss"],
                   "gap_pct": 100 * (b["eval_loss"] - a["eval_loss"]) / a["eval_loss"]} for a, b in zip(fh, hh)]
     start = base["eval_loss"] if base else None
@@ -249,11 +261,20 @@ def compare(result: dict) -> dict:
         # equal wall clock on the side-by-side clock: an epoch of full fine-tuning costs `speedup` HiFT
         # epochs (the runs' own clocks also measure how busy the shared machine was at the time)
         sb = speed["speedup"]
-        full_fair = {"eval_history": [{"elapsed_s": e["epoch"] * sb, "eval_loss": e["eval_loss"]} for e in fh]}
+        full_fair = {"eval_history": [{"elapsed_s": _progress(e, full) * sb, "eval_loss": e["eval_loss"]}
+                                      for e in full["eval_history"]]}
         hift_end = hift["epochs"]  # fractional for a max_steps run (its last evaluation's "epoch" is rounded up)
         c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
         c["equal_time_target_met_side_by_side"] = hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
-    if base:
+        # the whole curve: at each HiFT evaluation, full FT's loss after the same time (finer with --eval-steps)
+        curve = [{"hift_step": e.get("step"), "hift_loss": e["eval_loss"],
+                  "full_steps_same_time": _progress(e, hift) / sb * (full["steps"] / full["epochs"]),
+                  "full_loss_same_time": loss_at_time(full_fair, _progress(e, hift), start)}
+                 for e in hift["eval_history"]]
+        c["equal_time_curve"] = curve
+        c["equal_time_met_at_any_evaluation"] = any(p["hift_loss"] <= p["full_loss_same_time"] for p in curve)
+        c["full_evaluations_per_epoch"] = len(full["eval_history"]) / max(len(fh), 1)
+    if base and base.get("exact_match") is not None:  # (a run with --generate 0 scores no answers)
         c["exact_match_untrained"] = base["exact_match"]
         c["exact_match_full"] = full.get("exact_match")
         c["exact_match_hift"] = hift.get("exact_match")
@@ -279,7 +300,7 @@ def fmt_table(result: dict) -> str:
             rows.append((r["name"], "-", "-", f"{r['eval_loss']:.4f} (before)", f"{r['eval_perplexity']:.3f}", em,
                          "-", "-", peak, "-"))
             continue
-        hist = " ".join(f"{e['eval_loss']:.4f}" for e in r.get("eval_history") or [])
+        hist = " ".join(f"{e['eval_loss']:.4f}" for e in _epoch_ends(r.get("eval_history") or []))
         groups = "-" if r["mode"] == "full" else f"{r['num_groups']}x{r['group_size']} {r['strategy']}"
         rows.append((r["name"] + (" (sweep)" if sweep else ""), f"{r['lr']:g}", groups, hist,
                      f"{r['eval_perplexity']:.3f}", em, f"{r['train_tokens_per_s']:.1f}", f"{r['train_time_s']:.0f}s",
@@ -314,12 +335,12 @@ def plot(result: dict, png: str) -> None:
     if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
         per_epoch = hift["train_time_s"] / hift["epochs"]
         pts = ([(0.0, start)] if start is not None else []) + \
-            [(e["epoch"] * per_epoch * sb, e["eval_loss"]) for e in full["eval_history"]]
+            [(_progress(e, full) * per_epoch * sb, e["eval_loss"]) for e in full["eval_history"]]
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "s:", color="black",
                 label=f"full-adamw on the reference HiFT run's clock (side by side: {sb:.2f}x)")
     a1.set_xlabel("training wall-clock time (min), each run's own clock on a shared machine")
     a1.set_ylabel("dev loss (response tokens)")
-    a1.set_title("dev loss after each epoch vs training time")
+    a1.set_title("dev loss vs training time (each epoch; with --eval-steps every N steps)")
     a1.legend(fontsize=7, loc="upper right")
     gen = [r for r in runs + sweep if r.get("exact_match") is not None]  # runs that generated
     names = ([base["name"]] if base else []) + [r["name"] for r in gen]
@@ -393,6 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=448)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="also evaluate the dev loss every N steps (a finer curve for the equal-time comparison)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run [default: one per core]")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each its own process)")
     p.add_argument("--sweep", action="store_true", help="file these runs under 'sweep'")
@@ -427,6 +450,8 @@ def main(argv=None) -> int:
     common = dict(max_train_examples=args.train_examples, max_eval_examples=args.dev_examples,
                   eval_generate=args.generate, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                   batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, threads=args.threads)
+    if args.eval_steps:  # (only then: older records' settings stay comparable)
+        common["eval_steps"] = args.eval_steps
     specs = [parse_config(s.strip(), common) for s in args.configs.replace("\n", ";").split(";") if s.strip()]
     key = "sweep" if args.sweep else "runs"
     existing = {}
@@ -445,7 +470,8 @@ def main(argv=None) -> int:
             "setup": {"train_examples": args.train_examples, "dev_examples": args.dev_examples,
                       "generate": args.generate, "max_new_tokens": args.max_new_tokens, "epochs": args.epochs,
                       "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
-                      "threads_per_run": args.threads, "jobs": args.jobs}}
+                      "threads_per_run": args.threads, "jobs": args.jobs,
+                      **({"eval_steps": args.eval_steps} if args.eval_steps else {})}}
     todo = []
     for sp in specs:
         same = [r for r in existing.get(key, []) if r["name"] == sp["name"] and r["settings"] == sp["settings"]]

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"log the training loss every N steps [default: {d.logging_steps}]")
     r.add_argument("--save-steps", type=_positive_int, metavar="N", default=None,
                    help="also checkpoint every N steps (a checkpoint is always written after each epoch)")
+    r.add_argument("--eval-steps", type=_positive_int, metavar="N", default=None,
+                   help="also evaluate on the dev set every N steps, for a finer curve (always after each "
+                   "epoch; causal-lm: dev loss only, generation stays at the end)")
     r.add_argument("--stop-after", type=_positive_int, metavar="N", default=None,
                    help="stop after N steps as if interrupted, leaving a checkpoint to --resume")
     r.add_argument("--no-save-model", dest="save_model", action="store_false", default=None,
@@ -225,7 +228,7 @@ FINETUNE_FLAGS = (
     "task", "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
     "full", "group_size", "strategy", "steps_per_group", "lr", "weight_decay", "momentum", "scheduler",
     "warmup_ratio", "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
-    "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state", "gradient_checkpointing",
+    "logging_steps", "save_steps", "eval_steps", "max_nonfinite_steps", "save_model", "shard_state", "gradient_checkpointing",
     "eval_generate", "max_new_tokens",
 )
 

@@ -149,6 +149,9 @@ class TrainConfig:
     overwrite: bool = False
     logging_steps: int = 10
     save_steps: Optional[int] = None  # extra checkpoint every N steps (always at each epoch end)
+    # extra dev evaluation every N steps (always at each epoch end): a loss curve finer than epochs;
+    # causal-lm generates (--eval-generate) only at the end
+    eval_steps: Optional[int] = None
     stop_after: Optional[int] = None  # stop as if interrupted after N steps, leaving a checkpoint
     max_nonfinite_steps: int = 10  # stop (exit 3) after this many skipped steps in a row
     progress: bool = True
@@ -217,8 +220,8 @@ class TrainConfig:
             for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size",
                          "logging_steps", "max_nonfinite_steps"):
                 hparams.check_int(flag(name), getattr(self, name), low=1)
-            for name in ("max_steps", "max_train_examples", "max_eval_examples", "save_steps", "stop_after",
-                         "threads", "steps_per_group"):
+            for name in ("max_steps", "max_train_examples", "max_eval_examples", "save_steps", "eval_steps",
+                         "stop_after", "threads", "steps_per_group"):
                 if getattr(self, name) is not None:
                     hparams.check_int(flag(name), getattr(self, name), low=1)
             hparams.check_int("--seed", self.seed, hparams.SEED_MIN, hparams.SEED_MAX)
@@ -254,8 +257,8 @@ LEGACY_CONFIG = {"steps_per_group": 1, "lr_hold": "cycle", "precision": "fp32", 
                  "task": "classification", "gradient_checkpointing": False, "eval_generate": 0,
                  "max_new_tokens": 256}
 # Run control a resumed run keeps unless the command line sets it again.
-RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "max_nonfinite_steps", "save_model", "shard_state",
-                    "gradient_checkpointing", "eval_generate", "max_new_tokens")
+RESUMED_RUN_KEYS = ("offload", "logging_steps", "save_steps", "eval_steps", "max_nonfinite_steps", "save_model",
+                    "shard_state", "gradient_checkpointing", "eval_generate", "max_new_tokens")
 
 
 def default_lr(mode: str, optimizer: str, task: str = "classification") -> float:
@@ -774,6 +777,8 @@ class _Training:
                                        "tokens_per_s": self.clock.token_rate(), "elapsed_s": c["train_time_s"]})
                     c["window_loss"], c["window_n"] = 0.0, 0
                 epoch_ends = self.micro >= len(batches) or self.step >= self.total_steps
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and not epoch_ends:
+                    self._evaluate(round(self.epoch + self.micro / len(batches), 4), "steps", final=False)
                 if cfg.save_steps and self.step % cfg.save_steps == 0 and not epoch_ends:
                     self.save()  # (the epoch end saves anyway) accounts the time before, restarts after
                 if cfg.stop_after and self.step >= cfg.stop_after and self.step < self.total_steps:
@@ -782,24 +787,32 @@ class _Training:
             if self.stopped:
                 break
             # end of epoch (or of max_steps): evaluate, checkpoint
-            self.clock.account()
-            if self.eval_ds is not None:
-                final = self.epoch + 1 >= self.n_epochs or self.step >= self.total_steps
-                ev, files = self.task.evaluate(self.built, cfg, self.device, self.autocast, final=final, ranks=ranks)
-                ev.update({"type": "eval", "step": self.step, "epoch": self.epoch + 1,
-                           "elapsed_s": c["train_time_s"]})
-                c["evals"].append(ev)
-                self.metrics.emit(ev)
-                self.log(f"epoch {self.epoch + 1}/{self.n_epochs}: {self.task.eval_message(ev)}")
-                if self.out and ranks.main:
-                    for name, text in files.items():
-                        write_text(os.path.join(self.out, name), text)
-                self.clock.restart()  # evaluation is not training time
+            self._evaluate(self.epoch + 1, "epoch", final=self.epoch + 1 >= self.n_epochs or self.step >= self.total_steps)
             self.epoch, self.micro = self.epoch + 1, 0
             self.save()
         if self.stopped:
             self.save()
             self.log(f"stopped after step {self.step}/{self.total_steps}; continue with: {self.resume_command()}")
+
+    def _evaluate(self, epoch, trigger: str, *, final: bool) -> None:
+        """Evaluate on the dev set (if any) and record it; ``trigger`` is "epoch" (an epoch's end, or
+        max_steps') or "steps" (--eval-steps, mid-epoch: ``epoch`` is then the fraction reached)."""
+        self.clock.account()
+        if self.eval_ds is None:
+            return
+        c = self.counters
+        ev, files = self.task.evaluate(self.built, self.cfg, self.device, self.autocast, final=final, ranks=self.ranks)
+        ev.update({"type": "eval", "step": self.step, "epoch": epoch, "trigger": trigger,
+                   "elapsed_s": c["train_time_s"]})
+        c["evals"].append(ev)
+        self.metrics.emit(ev)
+        where = (f"epoch {epoch}/{self.n_epochs}" if trigger == "epoch"
+                 else f"step {self.step}/{self.total_steps} (epoch {epoch:g})")
+        self.log(f"{where}: {self.task.eval_message(ev)}")
+        if self.out and self.ranks.main:
+            for name, text in files.items():
+                write_text(os.path.join(self.out, name), text)
+        self.clock.restart()  # evaluation is not training time
 
     # ---- the final figures
     def final_metrics(self, completed: bool) -> Dict[str, Any]:

