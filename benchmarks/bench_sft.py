@@ -218,6 +218,27 @@ def _epoch_ends(history: list) -> list:
     return [e for e in history if e.get("trigger", "epoch") == "epoch"]
 
 
+# Settings that do not change a run's numbers (runs are deterministic): runs that differ only in these
+# trace the same curve, so their evaluations join (e.g. a short run evaluated every 2 steps).
+RUN_CONTROL_KEYS = ("stop_after", "eval_steps", "threads", "eval_generate", "max_new_tokens")
+
+
+def _joined_history(result: dict, run: dict) -> list:
+    """``run``'s evaluations and those of every run with its settings up to RUN_CONTROL_KEYS, one per
+    step (by step; ``run``'s own first), in step order."""
+    def key(r):
+        return {k: v for k, v in (r.get("settings") or {}).items() if k not in RUN_CONTROL_KEYS}
+
+    same = [r for r in result.get("runs", []) + result.get("sweep", [])
+            if r is not run and r.get("mode") == run.get("mode") and r.get("eval_history") and key(r) == key(run)]
+    by_step = {}
+    for r in [run] + same:
+        for e in r["eval_history"]:
+            if e.get("step") is not None:
+                by_step.setdefault(e["step"], dict(e, epoch=_progress(e, run)))
+    return [by_step[s] for s in sorted(by_step)] if by_step else list(run["eval_history"])
+
+
 def compare(result: dict) -> dict:
     runs = {r["name"]: r for r in result.get("runs", [])}
     base = runs.get("untrained")
@@ -261,8 +282,9 @@ def compare(result: dict) -> dict:
         # equal wall clock on the side-by-side clock: an epoch of full fine-tuning costs `speedup` HiFT
         # epochs (the runs' own clocks also measure how busy the shared machine was at the time)
         sb = speed["speedup"]
+        joined = _joined_history(result, full)  # with a finer run of the same curve where there is one
         full_fair = {"eval_history": [{"elapsed_s": _progress(e, full) * sb, "eval_loss": e["eval_loss"]}
-                                      for e in full["eval_history"]]}
+                                      for e in joined]}
         hift_end = hift["epochs"]  # fractional for a max_steps run (its last evaluation's "epoch" is rounded up)
         c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
         c["equal_time_target_met_side_by_side"] = hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
@@ -273,7 +295,7 @@ def compare(result: dict) -> dict:
                  for e in hift["eval_history"]]
         c["equal_time_curve"] = curve
         c["equal_time_met_at_any_evaluation"] = any(p["hift_loss"] <= p["full_loss_same_time"] for p in curve)
-        c["full_evaluations_per_epoch"] = len(full["eval_history"]) / max(len(fh), 1)
+        c["full_evaluations"] = len(joined)
     if base and base.get("exact_match") is not None:  # (a run with --generate 0 scores no answers)
         c["exact_match_untrained"] = base["exact_match"]
         c["exact_match_full"] = full.get("exact_match")
@@ -335,7 +357,7 @@ def plot(result: dict, png: str) -> None:
     if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
         per_epoch = hift["train_time_s"] / hift["epochs"]
         pts = ([(0.0, start)] if start is not None else []) + \
-            [(_progress(e, full) * per_epoch * sb, e["eval_loss"]) for e in full["eval_history"]]
+            [(_progress(e, full) * per_epoch * sb, e["eval_loss"]) for e in _joined_history(result, full)]
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "s:", color="black",
                 label=f"full-adamw on the reference HiFT run's clock (side by side: {sb:.2f}x)")
     a1.set_xlabel("training wall-clock time (min), each run's own clock on a shared machine")
@@ -343,18 +365,22 @@ def plot(result: dict, png: str) -> None:
     a1.set_title("dev loss vs training time (each epoch; with --eval-steps every N steps)")
     a1.legend(fontsize=7, loc="upper right")
     gen = [r for r in runs + sweep if r.get("exact_match") is not None]  # runs that generated
-    names = ([base["name"]] if base else []) + [r["name"] for r in gen]
-    ems = ([base["exact_match"]] if base else []) + [r["exact_match"] for r in gen]
-    bars = a2.bar(names, [100 * e for e in ems], color=["tab:gray"] + ["tab:blue"] * len(gen) if base else None)
+    scored = base if base and base.get("exact_match") is not None else None  # (--generate 0: no bar)
+    names = ([scored["name"]] if scored else []) + [r["name"] for r in gen]
+    ems = ([scored["exact_match"]] if scored else []) + [r["exact_match"] for r in gen]
+    bars = a2.bar(names, [100 * e for e in ems], color=["tab:gray"] + ["tab:blue"] * len(gen) if scored else None)
     a2.set_ylim(0, max(100 * max(ems + [0.0]) * 1.3, 5))
-    for b, r in zip(bars, ([base] if base else []) + gen):
+    for b, r in zip(bars, ([scored] if scored else []) + gen):
         a2.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.2,
                 f"{b.get_height():.1f}% ({r['exact_match_correct']}/{r['exact_match_examples']})",
                 ha="center", fontsize=7)
+    if not ems:
+        a2.text(0.5, 0.5, "no generation in these runs (--generate 0)", ha="center", transform=a2.transAxes)
     a2.set_ylabel("exact match on the dev subset (%)")
     a2.set_title("final-answer exact match (greedy)")
     a2.tick_params(axis="x", labelsize=7, rotation=20)
-    allr = sorted([r for r in runs if r["mode"] == "hift"] + sweep, key=lambda r: -r["eval_loss"])
+    allr = sorted([r for r in runs + sweep if r["mode"] == "hift" and not (r.get("settings") or {}).get("stop_after")],
+                  key=lambda r: -r["eval_loss"])  # (a run stopped early has no final loss to rank)
     if allr:  # (none yet while only the untrained and full runs have finished)
         a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
         a3.set_yticks(range(len(allr)), [r["name"] for r in allr], fontsize=7)

@@ -792,7 +792,7 @@ class _Training:
             self.save()
         if self.stopped:
             self.save()
-            self.log(f"stopped after step {self.step}/{self.total_steps}; continue with: {self.resume_command()}")
+            self.log(f"stopped after step {self.step}/{self.total_steps}; {self.where_to_resume()}")
 
     def _evaluate(self, epoch, trigger: str, *, final: bool) -> None:
         """Evaluate on the dev set (if any) and record it; ``trigger`` is "epoch" (an epoch's end, or

@@ -74,7 +74,7 @@ def test_sft_side_by_side_comparison_uses_a_max_steps_runs_fractional_epochs():
     assert c["equal_time_target_met_side_by_side"] is False
 
 
-def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_along_the_curve():
+def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_along_the_curve(tmp_path):
     st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "optimizer": "adamw", "group_size": 8,
           "strategy": "up2down", "steps_per_group": 4}
 
@@ -104,3 +104,38 @@ def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_a
     # an untrained run without generation (--generate 0) scores no answers: no exact-match verdict
     c = bench_sft.compare({"runs": [dict(untrained, exact_match=None), full, hift, speed], "sweep": []})
     assert "exact_match_target_met" not in c and c["equal_time_met_at_any_evaluation"] is True
+    # and the plot draws such a result (dev-loss curves; no exact-match bar for the untrained run)
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sft.png"
+    bench_sft.plot({"runs": [dict(untrained, exact_match=None), full, hift, speed], "sweep": [],
+                    "hift_reference": "hift-adamw", "comparison": c}, str(png))
+    assert png.stat().st_size > 0
+
+
+def test_sft_equal_time_curve_joins_a_finer_run_of_the_same_full_ft_curve():
+    st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "optimizer": "adamw", "group_size": 8,
+          "strategy": "up2down", "steps_per_group": 4, "eval_steps": 10}
+
+    def run(name, mode, points, settings, steps=80, epochs=2):
+        hist = [{"step": s, "epoch": s / 40, "trigger": "epoch" if s % 40 == 0 else "steps", "eval_loss": v,
+                 "elapsed_s": float(s)} for s, v in points]
+        return {"name": name, "mode": mode, "eval_history": hist, "eval_loss": points[-1][1], "epochs": epochs,
+                "steps": steps, "train_time_s": float(steps), "train_tokens_per_s": 1.0, "settings": settings}
+
+    full_st = dict(st, full=True)
+    full = run("full-adamw", "full", [(10, 1.10), (40, 1.02), (80, 1.01)], full_st)
+    hift = run("hift-adamw", "hift", [(20, 1.12), (80, 1.05)], dict(st, full=False))
+    speed = dict(run("speed", "speed", [(40, 1.0)], dict(st, full=False)), speedup=2.5)
+    untrained = {"name": "untrained", "mode": "untrained", "eval_loss": 1.3, "exact_match": None}
+    result = {"runs": [untrained, full, hift, speed], "sweep": []}
+    # HiFT's step 20 costs full FT's step 8: on a straight line from 1.3 (step 0) to 1.10 (step 10) that is 1.14
+    c = bench_sft.compare(result)
+    assert c["equal_time_curve"][0]["full_loss_same_time"] == pytest.approx(1.14)
+    assert c["equal_time_met_at_any_evaluation"] is True
+    # a short run of the same curve, evaluated every 2 steps (it differs in run control only), measures 1.08 there
+    early = run("full-adamw:stop_after=8", "full", [(2, 1.2), (4, 1.15), (6, 1.1), (8, 1.08)],
+                dict(full_st, stop_after=8, eval_steps=2), steps=8)
+    other = run("full-adamw:lr=1e-4", "full", [(8, 1.5)], dict(full_st, lr=1e-4))  # another curve: left out
+    c = bench_sft.compare(dict(result, sweep=[early, other]))
+    assert c["equal_time_curve"][0]["full_loss_same_time"] == pytest.approx(1.08)
+    assert c["equal_time_met_at_any_evaluation"] is False and c["full_evaluations"] == 7

@@ -456,6 +456,8 @@ def test_eval_steps_add_mid_epoch_evaluations_and_change_nothing_else(tiny_bert,
     rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--eval-steps", "2", "--output", c,
                                    "--save-steps", "3", "--stop-after", "3"), capsys)
     assert rc == 0, err
+    assert f"stopped after step 3/10; the last checkpoint is {os.path.join(c, 'checkpoint')} (step 3); continue " \
+        f"with:\n  hift-ext finetune --resume {c}" in err
     rc, _, err = run_cli(["finetune", "--resume", c, "--no-progress"], capsys)
     assert rc == 0, err
     assert json.load(open(os.path.join(c, "config.json")))["eval_steps"] == 2
@@ -469,3 +471,13 @@ def test_eval_steps_must_be_a_positive_whole_number(tiny_bert, small_data, capsy
     assert exc.value.code == 2 and "--eval-steps: value must be an integer >= 1" in capsys.readouterr().err
     with pytest.raises(UsageError, match="--eval-steps"):
         TrainConfig(model=tiny_bert, eval_steps=-1).validate()
+
+
+def test_a_stop_without_output_says_nothing_was_saved(tiny_bert, small_data, capsys):
+    tr, dev = small_data
+    logs = []
+    cfg = TrainConfig(model=tiny_bert, train=tr, eval=dev, batch_size=8, max_length=32, epochs=1, full=True,
+                      stop_after=2, progress=False, save_model=False)
+    m = run_finetune(cfg, log=logs.append)
+    assert m["completed"] is False and m["steps"] == 2
+    assert "stopped after step 2/5; nothing was saved (no --output)" in logs
