@@ -379,8 +379,8 @@ def plot(result: dict, png: str) -> None:
     a2.set_ylabel("exact match on the dev subset (%)")
     a2.set_title("final-answer exact match (greedy)")
     a2.tick_params(axis="x", labelsize=7, rotation=20)
-    allr = sorted([r for r in runs + sweep if r["mode"] == "hift" and not (r.get("settings") or {}).get("stop_after")],
-                  key=lambda r: -r["eval_loss"])  # (a run stopped early has no final loss to rank)
+    finished = [r for r in runs + sweep if r["mode"] == "hift" and not (r.get("settings") or {}).get("stop_after")]
+    allr = sorted(finished, key=lambda r: -r["eval_loss"])  # (a run stopped early has no final loss to rank)
     if allr:  # (none yet while only the untrained and full runs have finished)
         a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
         a3.set_yticks(range(len(allr)), [r["name"] for r in allr], fontsize=7)

@@ -228,8 +228,8 @@ FINETUNE_FLAGS = (
     "task", "model", "tokenizer", "train", "eval", "max_train_examples", "max_eval_examples", "max_length", "optimizer",
     "full", "group_size", "strategy", "steps_per_group", "lr", "weight_decay", "momentum", "scheduler",
     "warmup_ratio", "max_grad_norm", "offload", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "precision",
-    "logging_steps", "save_steps", "eval_steps", "max_nonfinite_steps", "save_model", "shard_state", "gradient_checkpointing",
-    "eval_generate", "max_new_tokens",
+    "logging_steps", "save_steps", "eval_steps", "max_nonfinite_steps", "save_model", "shard_state",
+    "gradient_checkpointing", "eval_generate", "max_new_tokens",
 )
 
 

@@ -787,7 +787,8 @@ class _Training:
             if self.stopped:
                 break
             # end of epoch (or of max_steps): evaluate, checkpoint
-            self._evaluate(self.epoch + 1, "epoch", final=self.epoch + 1 >= self.n_epochs or self.step >= self.total_steps)
+            last = self.epoch + 1 >= self.n_epochs or self.step >= self.total_steps
+            self._evaluate(self.epoch + 1, "epoch", final=last)
             self.epoch, self.micro = self.epoch + 1, 0
             self.save()
         if self.stopped:
