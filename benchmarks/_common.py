@@ -181,6 +181,11 @@ STEP_COST_KEYS = ("full", "optimizer", "precision", "group_size", "strategy", "s
                   "max_length", "max_grad_norm", "max_train_examples")
 
 
+def eval_step(ev: dict, run: dict) -> float:
+    """The optimizer step evaluation ``ev`` of ``run`` followed (older records only name the epoch)."""
+    return ev["step"] if ev.get("step") is not None else ev["epoch"] * run["steps"] / run["epochs"]
+
+
 def interpolate(points: Sequence[tuple], t: float):
     """Linear interpolation of (time, value) points, sorted by time, at ``t``; clamped to the ends."""
     if t <= points[0][0]:

@@ -209,8 +209,9 @@ def loss_at_time(run: dict, t: float, start_loss) -> float:
 def _progress(e: dict, run: dict) -> float:
     """Epochs of training behind evaluation ``e`` of ``run``, from its step (an --eval-steps
     evaluation lies inside an epoch; a max_steps run's last one inside its last epoch)."""
-    spe = run["steps"] / run["epochs"] if run.get("steps") and run.get("epochs") else None
-    return e["step"] / spe if spe and e.get("step") is not None else e["epoch"]
+    from _common import eval_step
+
+    return eval_step(e, run) * run["epochs"] / run["steps"] if run.get("steps") and run.get("epochs") else e["epoch"]
 
 
 def _epoch_ends(history: list) -> list:
@@ -235,7 +236,7 @@ def _joined_history(result: dict, run: dict) -> list:
     for r in [run] + same:
         for e in r["eval_history"]:
             if e.get("step") is not None:
-                by_step.setdefault(e["step"], dict(e, epoch=_progress(e, run)))
+                by_step.setdefault(e["step"], e)
     return [by_step[s] for s in sorted(by_step)] if by_step else list(run["eval_history"])
 
 

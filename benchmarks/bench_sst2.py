@@ -230,14 +230,9 @@ def run_speed(settings: list, n_steps: int) -> dict:
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def _eval_step(ev: dict, run: dict) -> float:
-    """The optimizer step an evaluation of ``run`` followed (older records only name the epoch)."""
-    return ev["step"] if "step" in ev else ev["epoch"] * run["steps"] / run["epochs"]
-
-
 def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     """HiFT config ``hift_name`` against ``full_name`` over every seed measured of both."""
-    from _common import interpolate
+    from _common import eval_step, interpolate
 
     records = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("eval_history")
                and not r.get("partial") and "seed" in (r.get("settings") or {})]
@@ -261,14 +256,14 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     for sd in seeds:
         h, f = hift[sd], full[sd]
         # an evaluation's time is its step on the clock: a max_steps run ends inside an epoch
-        f_pts = [(_eval_step(e, f) * tf, e["eval_accuracy"]) for e in f["eval_history"]]
+        f_pts = [(eval_step(e, f) * tf, e["eval_accuracy"]) for e in f["eval_history"]]
         h_time = h["steps"] * th
         rows[str(sd)] = {
             "hift": h["eval_accuracy"], "full": f["eval_accuracy"],
             "hift_train_time_s": h_time, "full_train_time_s": f["steps"] * tf,
             # None: HiFT finished before full FT's first evaluation (nothing to interpolate from)
             "full_at_hift_time": interpolate(f_pts, h_time) if h_time >= f_pts[0][0] else None,
-            "hift_history": [(_eval_step(e, h) * th, e["eval_accuracy"]) for e in h["eval_history"]],
+            "hift_history": [(eval_step(e, h) * th, e["eval_accuracy"]) for e in h["eval_history"]],
             "full_history": f_pts}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     out = {"hift": hift_name, "full": full_name, "seeds": seeds,
