@@ -398,8 +398,9 @@ def plot(result: dict, png: str) -> None:
         a3.set_xlabel("final dev loss")
         a3.set_title("HiFT settings (main runs and sweep)")
     env = result.get("environment", {})
-    epochs = result.get("setup", {}).get("epochs")
-    fig.suptitle(f"SmolLM2-135M-Instruct on GSM8K ({result.get('setup', {}).get('train_examples')} train examples, "
+    setup = result.get("setup", {})
+    epochs = setup.get("epochs")
+    fig.suptitle(f"SmolLM2-135M-Instruct on GSM8K ({setup.get('train_examples')} train examples, "
                  f"{epochs} epoch{'' if epochs == 1 else 's'}), {env.get('device', '?')}, "
                  f"torch {env.get('torch', '?')}", fontsize=10)
     fig.tight_layout()

@@ -798,9 +798,9 @@ class _Training:
     def _evaluate(self, epoch, trigger: str, *, final: bool) -> None:
         """Evaluate on the dev set (if any) and record it; ``trigger`` is "epoch" (an epoch's end, or
         max_steps') or "steps" (--eval-steps, mid-epoch: ``epoch`` is then the fraction reached)."""
-        self.clock.account()
-        if self.eval_ds is None:
+        if self.eval_ds is None:  # nothing to time apart (the epoch end's save() accounts anyway)
             return
+        self.clock.account()
         c = self.counters
         ev, files = self.task.evaluate(self.built, self.cfg, self.device, self.autocast, final=final, ranks=self.ranks)
         ev.update({"type": "eval", "step": self.step, "epoch": epoch, "trigger": trigger,
