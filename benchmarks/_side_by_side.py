@@ -8,17 +8,20 @@ backward, gradient clipping, optimizer step, zero_grad."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 __all__ = ["train_step", "rotate"]
 
 
-def train_step(model, optimizer, batch: Dict[str, torch.Tensor], max_grad_norm: float) -> None:
+def train_step(model, optimizer, batch: Dict[str, torch.Tensor], max_grad_norm: float,
+               loss: Optional[Callable] = None) -> None:
+    """``loss(model, batch)``: the job's loss (a task's :meth:`~hift_ext.tasks.base.Task.loss`);
+    default the model's own."""
     from hift_ext.train import _total_grad_norm
 
-    model(**batch).loss.backward()
+    (loss(model, batch) if loss is not None else model(**batch).loss).backward()
     _total_grad_norm([p for p in model.parameters()], max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def run_untrained(s: dict, log) -> dict:
             "peak_memory_kind": kind, "samples": em["samples"][:5]}
 
 
-def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
+def run_speed(s: dict, log, min_steps: int = 16) -> dict:
     """Training tokens/s of full fine-tuning (torch AdamW) and HiFT-AdamW measured side by side in one
     process: the two models take steps in alternation on the same batches (who goes first alternates),
     over whole HiFT cycles, so both see the same machine load. Each step is what the loop does:
@@ -148,10 +149,14 @@ def run_speed(s: dict, log, pairs_per_group: int = 2) -> dict:
     k = opts["hift"].num_groups
     ds = built.train_ds
     batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
-    n = max(pairs_per_group * k, k * cfg.resolved_steps_per_group())  # whole HiFT cycles (at least one)
+    cycle = k * cfg.resolved_steps_per_group()  # whole HiFT cycles, at least min_steps steps (batch lengths vary)
+    n = cycle * max(1, math.ceil(min_steps / cycle))
     order = [ds.collate(batches[i % len(batches)]) for i in range(n)]
     tokens = sum(int(b["attention_mask"].sum()) for b in order)
-    times = rotate({mode: (lambda b, m=models[mode], o=opts[mode]: train_step(m, o, b, cfg.max_grad_norm))
+    def job_loss(model, batch):  # what the training loop computes (response-only logits)
+        return task.loss(model, batch, batch)
+
+    times = rotate({mode: (lambda b, m=models[mode], o=opts[mode]: train_step(m, o, b, cfg.max_grad_norm, job_loss))
                     for mode in ("full", "hift")}, order, log)
     return {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
             "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],

@@ -499,7 +499,8 @@ def _clip_scaled_grads(params: List[torch.Tensor], max_norm: float, scale: float
 
 
 def _batch_tokens(batch: Dict[str, torch.Tensor]) -> int:
-    """Tokens a micro-batch trains on (for tokens/s): its attention mask's ones."""
+    """Tokens a micro-batch trains on (for tokens/s): its attention mask's ones (read from the host
+    batch: no device synchronization)."""
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
 
 
@@ -691,10 +692,11 @@ class _Training:
         last = (self.micro + 1) % cfg.grad_accum == 0 or self.micro + 1 == len(batches)
         local_sum, bad, tokens, terms = 0.0, 0.0, 0, 0
         if idx:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
-            tokens = _batch_tokens(batch)
+            host = self.train_ds.collate(idx)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            tokens = _batch_tokens(host)
             with self.autocast():
-                loss = self.model(**batch).loss
+                loss = self.task.loss(self.model, batch, host)
             terms, global_terms = _loss_terms(self.train_ds, idx), _loss_terms(self.train_ds, global_idx)
             weight = terms * ranks.world / max(global_terms, 1)
             scaled = (loss * weight if weight != 1.0 else loss) / cfg.grad_accum
@@ -725,12 +727,13 @@ class _Training:
                     loss_value, n_examples, n_tokens = self._distributed_micro_batch(batches)
                 else:
                     idx = batches[self.micro]
-                    batch = {k: v.to(self.device, non_blocking=True) for k, v in self.train_ds.collate(idx).items()}
+                    host = self.train_ds.collate(idx)
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
                     with self.autocast():
-                        loss = model(**batch).loss
+                        loss = self.task.loss(model, batch, host)
                     scaled = loss / cfg.grad_accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                    loss_value, n_examples, n_tokens = float(loss.detach().float()), len(idx), _batch_tokens(batch)
+                    loss_value, n_examples, n_tokens = float(loss.detach().float()), len(idx), _batch_tokens(host)
                 if math.isfinite(loss_value):
                     c["window_loss"] += loss_value
                     c["window_n"] += 1

