@@ -16,7 +16,9 @@ benchmarks/results/sft-<device>.json and .png (dev loss against training wall-cl
 
 `speed` times full fine-tuning and HiFT-AdamW side by side in one process (alternating steps on the
 same batches over whole HiFT cycles): the tokens/s ratio both runs' own clocks give is only fair when
-the machine's load stays the same across the runs.
+the machine's load stays the same across the runs. `speed:loss_ab=1` also times both with the
+model's own loss (logits at every position) in the same rotation: what the job's response-only
+logits save.
 
 A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...); the
@@ -58,6 +60,11 @@ def _num(v: str):
     return None
 
 
+# a speed run's own settings: loss_ab=1 also times both models with the model's own loss (logits over
+# every position) in the same rotation, to measure what the job's response-only logits save
+SPEED_KEYS = ("loss_ab",)
+
+
 def parse_config(spec: str, common: dict) -> dict:
     from hift_ext.train import TrainConfig
 
@@ -73,12 +80,12 @@ def parse_config(spec: str, common: dict) -> dict:
     fields = TrainConfig.__dataclass_fields__
     for kv in filter(None, rest.split(",")):
         k, _, v = kv.partition("=")
-        if k not in fields:
+        if k not in fields and not (name == "speed" and k in SPEED_KEYS):
             raise SystemExit(f"bench_sft: unknown setting {k!r} in {spec!r}")
         n = _num(v)
         settings[k] = v if n is None else n
     if name not in ("untrained",):
-        cfg = TrainConfig.for_task("causal-lm", **settings)
+        cfg = TrainConfig.for_task("causal-lm", **{k: v for k, v in settings.items() if k not in SPEED_KEYS})
         settings["lr"] = cfg.resolved_lr()
         settings["group_size"] = cfg.group_size
         settings["strategy"] = cfg.strategy
@@ -136,16 +143,18 @@ def run_speed(s: dict, log, min_steps: int = 16) -> dict:
     from hift_ext.tasks import get_task
     from hift_ext.train import TrainConfig, make_optimizer
 
+    s = dict(s)
+    loss_ab = bool(s.pop("loss_ab", 0))
     cfg = TrainConfig.for_task("causal-lm", **s)
     task = get_task("causal-lm")
     tr, ev = task.data_paths(cfg)
     built = task.build(cfg, task.load_data(cfg, tr, ev), log)
-    models = {"full": built.model, "hift": copy.deepcopy(built.model)}
+    setups = ["full", "hift"] + (["full:model-loss", "hift:model-loss"] if loss_ab else [])
+    models = {name: built.model if name == "full" else copy.deepcopy(built.model) for name in setups}
     for m in models.values():
         m.train()
-    opts = {"full": torch.optim.AdamW([p for p in models["full"].parameters()], lr=cfg.resolved_lr(),
-                                      weight_decay=cfg.weight_decay),
-            "hift": make_optimizer(cfg, models["hift"])}
+    opts = {name: torch.optim.AdamW([p for p in m.parameters()], lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+            if name.startswith("full") else make_optimizer(cfg, m) for name, m in models.items()}
     k = opts["hift"].num_groups
     ds = built.train_ds
     batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
@@ -156,11 +165,17 @@ def run_speed(s: dict, log, min_steps: int = 16) -> dict:
     def job_loss(model, batch):  # what the training loop computes (response-only logits)
         return task.loss(model, batch, batch)
 
-    times = rotate({mode: (lambda b, m=models[mode], o=opts[mode]: train_step(m, o, b, cfg.max_grad_norm, job_loss))
-                    for mode in ("full", "hift")}, order, log)
-    return {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
-            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
-            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"]}
+    times = rotate({name: (lambda b, m=models[name], o=opts[name], f=(None if "model-loss" in name else job_loss):
+                           train_step(m, o, b, cfg.max_grad_norm, f)) for name in setups}, order, log)
+    rec = {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
+           "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
+           "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"]}
+    if loss_ab:  # the same steps with every position's logits (the model's own loss)
+        fm, hm = times["full:model-loss"], times["hift:model-loss"]
+        rec["model_loss"] = {"full_s": fm, "hift_s": hm, "speedup": fm / hm,
+                             "full_time_saved_pct": 100 * (1 - times["full"] / fm),
+                             "hift_time_saved_pct": 100 * (1 - times["hift"] / hm)}
+    return rec
 
 
 def run_training(s: dict, log) -> dict:
@@ -280,7 +295,9 @@ def compare(result: dict) -> dict:
         return tuple(st.get(k) for k in STEP_COST_KEYS)
 
     speeds = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("mode") == "speed"]
-    speed = next((r for r in speeds if timing(r) == timing(hift)), None)
+    # the newest one (a later speed run of the same setting measures the code as it is now)
+    speed = max((r for r in speeds if timing(r) == timing(hift)), key=lambda r: r.get("finished_at") or "",
+                default=None)
     if speed:  # the fair ratio: both measured side by side in one process
         c["speed_run"] = speed["name"]
         c["speedup_side_by_side"] = speed["speedup"]
@@ -549,8 +566,12 @@ def main(argv=None) -> int:
             result = _save(out, png, key, rec)
             em = rec.get("exact_match")
             if rec["mode"] == "speed":
+                ml = rec.get("model_loss")
                 print(f"== {sp['name']}: full {rec['full_tokens_per_s']:.1f} tok/s, HiFT {rec['hift_tokens_per_s']:.1f} "
-                      f"tok/s: {rec['speedup']:.2f}x (wall {rec['wall_s']:.0f}s)", flush=True)
+                      f"tok/s: {rec['speedup']:.2f}x" + (f"; with the model's own loss {ml['speedup']:.2f}x, the "
+                      f"response-only logits save {ml['full_time_saved_pct']:.1f}% (full) / "
+                      f"{ml['hift_time_saved_pct']:.1f}% (HiFT) of the time" if ml else "")
+                      + f" (wall {rec['wall_s']:.0f}s)", flush=True)
                 continue
             print(f"== {sp['name']}: dev loss {rec['eval_loss']:.4f}"
                   + (f", exact match {100 * em:.1f}%" if em is not None else "")

@@ -74,6 +74,25 @@ def test_sft_side_by_side_comparison_uses_a_max_steps_runs_fractional_epochs():
     assert c["equal_time_target_met_side_by_side"] is False
 
 
+def test_sft_comparison_takes_the_newest_speed_run_of_the_setting_and_loss_ab_is_a_speed_setting():
+    def run(name, mode, speedup=None, finished_at=None):
+        st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "full": mode == "full",
+              "optimizer": "adamw", "group_size": 8, "strategy": "up2down", "steps_per_group": 4}
+        r = {"name": name, "mode": mode, "eval_history": [{"epoch": 1, "eval_loss": 1.0, "elapsed_s": 60.0}],
+             "eval_loss": 1.0, "epochs": 1, "steps": 40, "train_time_s": 60.0, "train_tokens_per_s": 1.0,
+             "settings": st}
+        return dict(r, speedup=speedup, finished_at=finished_at) if mode == "speed" else r
+
+    newer = run("speed:loss_ab=1", "speed", 1.5, "2026-12-02T12:00:00")
+    older = run("speed", "speed", 1.4, "2026-12-01T12:00:00")
+    c = bench_sft.compare({"runs": [run("full-adamw", "full"), run("hift-adamw", "hift"), older, newer], "sweep": []})
+    assert c["speed_run"] == "speed:loss_ab=1" and c["speedup_side_by_side"] == 1.5
+    sp = bench_sft.parse_config("speed:loss_ab=1", {"max_train_examples": 8})
+    assert sp["settings"]["loss_ab"] == 1 and sp["settings"]["full"] is False
+    with pytest.raises(SystemExit, match="unknown setting 'loss_ab'"):
+        bench_sft.parse_config("hift-adamw:loss_ab=1", {})
+
+
 def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_along_the_curve(tmp_path):
     st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "optimizer": "adamw", "group_size": 8,
           "strategy": "up2down", "steps_per_group": 4}
