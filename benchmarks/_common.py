@@ -32,7 +32,8 @@ def device_name(device: str) -> str:
     """Human-readable description of the device a benchmark ran on."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{cpu_name()} ({n} thread{'' if n == 1 else 's'})"
 
 
 def device_tag(device) -> str:
