@@ -162,6 +162,7 @@ def run_speed(s: dict, log, min_steps: int = 16) -> dict:
     n = cycle * max(1, math.ceil(min_steps / cycle))
     order = [ds.collate(batches[i % len(batches)]) for i in range(n)]
     tokens = sum(int(b["attention_mask"].sum()) for b in order)
+
     def job_loss(model, batch):  # what the training loop computes (response-only logits)
         return task.loss(model, batch, batch)
 
