@@ -157,7 +157,7 @@ def eval_loss(model, ds: ChatDataset, device, batch_size: int, autocast_ctx, ran
             batch = {k: v.to(device) for k, v in host.items()}
             with autocast_ctx():
                 loss = response_loss(model, batch, first_target_position(host["labels"]))
-            n = int((host["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n = ds.loss_terms(idx)
             loss_sum += float(loss.float()) * n
             tokens += n
     finally:
