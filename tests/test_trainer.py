@@ -277,3 +277,52 @@ def test_llama_instruction_tuning_with_seq2seq_collator(tmp_path):
     changed = {g.index for g in opt.groups
                if any(not torch.equal(before[n], after[n]) for n in g.param_names if n in before)}
     assert changed == set(range(opt.num_groups))  # up2down over 4 groups, 6 steps: every group
+
+
+def test_response_logits_collator_trains_the_same_weights_with_logits_cut_to_the_response(tmp_path):
+    """ResponseLogitsCollator: each batch keeps only the logits from its first response position on
+    (logits_to_keep) with the labels cut alike; the model's own loss is the same, so Trainer ends
+    with the same weights as with the plain collator; a model without logits_to_keep is refused."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from _causal_testutil import make_tiny_llama, make_tokenizer
+    from hift_ext.chat_data import ChatExample, ChatExamples, encode_chat
+    from hift_ext.integrations.transformers import (HiFTCallback, ResponseLogitsCollator,
+                                                    create_hift_optimizer_and_scheduler, num_training_steps)
+
+    tok = make_tokenizer()
+    rows = [ChatExample(i + 1, f"{i} + {i} = {2 * i}\n#### {2 * i}", prompt=f"What is {i} + {i}?" + " Think." * (i % 4))
+            for i in range(16)]
+    feats = encode_chat(tok, ChatExamples("mem", rows), max_length=128).features()
+    plain = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
+    model = make_tiny_llama(len(tok))
+    cut = ResponseLogitsCollator(plain, model)
+    full_batch, cut_batch = plain(feats[:4]), cut(feats[:4])
+    keep = cut_batch["logits_to_keep"]
+    length = full_batch["labels"].shape[1]
+    assert 0 < keep < length and torch.equal(cut_batch["labels"], full_batch["labels"][:, length - keep:])
+    assert (full_batch["labels"][:, :length - keep + 1] == -100).all()  # nothing cut predicts a target
+    with torch.no_grad():
+        out = model(**cut_batch)
+        assert out.logits.shape[1] == keep
+        assert torch.allclose(out.loss, model(**full_batch).loss, rtol=1e-5, atol=1e-6)
+
+    def train(collator):
+        m = make_tiny_llama(len(tok))
+        args = make_args(tmp_path, max_steps=6, lr_scheduler_type="constant", warmup_steps=0,
+                         remove_unused_columns=False)
+        opt, sched = create_hift_optimizer_and_scheduler(m, args, num_training_steps(args, len(feats)),
+                                                         group_size=1, strategy="up2down")
+        Trainer(model=m, args=args, train_dataset=feats, data_collator=collator, optimizers=(opt, sched),
+                callbacks=[HiFTCallback()]).train()
+        return snapshot(m)
+
+    a = train(plain)
+    b = train(ResponseLogitsCollator(plain, make_tiny_llama(len(tok))))
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=1e-4, atol=1e-6), n
+    with pytest.raises(ValueError, match="takes no logits_to_keep"):
+        ResponseLogitsCollator(plain, tiny_bert())
+    with pytest.raises(TypeError, match="a data collator"):
+        ResponseLogitsCollator(None, model)
