@@ -28,9 +28,10 @@ def train_step(model, optimizer, batch: Dict[str, torch.Tensor], max_grad_norm: 
 
 
 def rotate(steps: Dict[str, Callable[[Dict[str, torch.Tensor]], None]], batches: Sequence[Dict[str, torch.Tensor]],
-           log: Callable[[str], None] = lambda m: None) -> Dict[str, float]:
+           log: Callable[[str], None] = lambda m: None,
+           per_step: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
     """Seconds each of ``steps`` (name -> one training step on a batch) spent over ``batches``,
-    taking the steps in rotation on each batch."""
+    taking the steps in rotation on each batch; ``per_step`` (when given) receives each step's seconds."""
     names: List[str] = list(steps)
     seconds = {n: 0.0 for n in names}
     for i, batch in enumerate(batches):
@@ -38,6 +39,9 @@ def rotate(steps: Dict[str, Callable[[Dict[str, torch.Tensor]], None]], batches:
         for name in names[r:] + names[:r]:
             t0 = time.perf_counter()
             steps[name](batch)
-            seconds[name] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            seconds[name] += dt
+            if per_step is not None:
+                per_step.setdefault(name, []).append(dt)
         log(f"batch {i + 1}/{len(batches)}: " + ", ".join(f"{n} {s:.1f}s" for n, s in seconds.items()))
     return seconds

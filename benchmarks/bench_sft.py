@@ -18,7 +18,10 @@ benchmarks/results/sft-<device>.json and .png (dev loss against training wall-cl
 same batches over whole HiFT cycles): the tokens/s ratio both runs' own clocks give is only fair when
 the machine's load stays the same across the runs. `speed:loss_ab=1` also times both with the
 model's own loss (logits at every position) in the same rotation: what the job's response-only
-logits save.
+logits save. `speed:steps=N` times at least N steps (default 16, rounded up to whole HiFT cycles):
+a HiFT step's cost depends on its active group and the batch lengths vary, so a few cycles' ratio
+moves with which batches fall on which group; the record gives each group's mean step time beside
+full fine-tuning's on the same steps.
 
 A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...); the
@@ -61,8 +64,9 @@ def _num(v: str):
 
 
 # a speed run's own settings: loss_ab=1 also times both models with the model's own loss (logits over
-# every position) in the same rotation, to measure what the job's response-only logits save
-SPEED_KEYS = ("loss_ab",)
+# every position) in the same rotation, to measure what the job's response-only logits save; steps=N
+# times at least N steps (whole HiFT cycles)
+SPEED_KEYS = ("loss_ab", "steps")
 
 
 def parse_config(spec: str, common: dict) -> dict:
@@ -129,7 +133,7 @@ def run_untrained(s: dict, log) -> dict:
             "peak_memory_kind": kind, "samples": em["samples"][:5]}
 
 
-def run_speed(s: dict, log, min_steps: int = 16) -> dict:
+def run_speed(s: dict, log) -> dict:
     """Training tokens/s of full fine-tuning (torch AdamW) and HiFT-AdamW measured side by side in one
     process: the two models take steps in alternation on the same batches (who goes first alternates),
     over whole HiFT cycles, so both see the same machine load. Each step is what the loop does:
@@ -140,11 +144,13 @@ def run_speed(s: dict, log, min_steps: int = 16) -> dict:
 
     from _side_by_side import rotate, train_step
     from hift_ext.data import epoch_permutation
+    from hift_ext.schedule import GroupSchedule
     from hift_ext.tasks import get_task
     from hift_ext.train import TrainConfig, make_optimizer
 
     s = dict(s)
     loss_ab = bool(s.pop("loss_ab", 0))
+    min_steps = int(s.pop("steps", 16))
     cfg = TrainConfig.for_task("causal-lm", **s)
     task = get_task("causal-lm")
     tr, ev = task.data_paths(cfg)
@@ -166,17 +172,30 @@ def run_speed(s: dict, log, min_steps: int = 16) -> dict:
     def job_loss(model, batch):  # what the training loop computes (response-only logits)
         return task.loss(model, batch, batch)
 
+    sched = GroupSchedule(k, cfg.strategy, cfg.seed, cfg.resolved_steps_per_group())  # the optimizer's schedule
+    groups = [sched.group_at(t) for t in range(n)]  # the group each HiFT step updates
+    per_step = {}
     times = rotate({name: (lambda b, m=models[name], o=opts[name], f=(None if "model-loss" in name else job_loss):
-                           train_step(m, o, b, cfg.max_grad_norm, f)) for name in setups}, order, log)
+                           train_step(m, o, b, cfg.max_grad_norm, f)) for name in setups}, order, log, per_step)
     rec = {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
-           "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"]}
+           "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"],
+           "by_group": [_group_times(per_step, groups, g) for g in range(k)]}
     if loss_ab:  # the same steps with every position's logits (the model's own loss)
         fm, hm = times["full:model-loss"], times["hift:model-loss"]
         rec["model_loss"] = {"full_s": fm, "hift_s": hm, "speedup": fm / hm,
                              "full_time_saved_pct": 100 * (1 - times["full"] / fm),
                              "hift_time_saved_pct": 100 * (1 - times["hift"] / hm)}
     return rec
+
+
+def _group_times(per_step: dict, groups: list, g: int) -> dict:
+    """Mean seconds of the HiFT steps that updated group ``g`` and of full FT's steps on the same batches."""
+    idx = [i for i, x in enumerate(groups) if x == g]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    full, hift = mean([per_step["full"][i] for i in idx]), mean([per_step["hift"][i] for i in idx])
+    return {"group": g, "steps": len(idx), "full_step_s": full, "hift_step_s": hift,
+            "speedup": full / hift if full and hift else None}
 
 
 def run_training(s: dict, log) -> dict:
@@ -335,7 +354,9 @@ def fmt_table(result: dict) -> str:
     for r in result.get("runs", []) + result.get("sweep", []):
         sweep = r in result.get("sweep", [])
         if r["mode"] == "speed":
-            rows.append((r["name"], "-", f"{r['num_groups']}x{r['group_size']}", "(side by side, same batches)", "-",
+            by_group = " ".join(f"g{g['group']} {g['speedup']:.2f}x" for g in r.get("by_group") or [] if g["speedup"])
+            rows.append((r["name"], "-", f"{r['num_groups']}x{r['group_size']}",
+                         f"(side by side, {r['steps_each']} steps{': ' + by_group if by_group else ''})", "-",
                          "-", f"full {r['full_tokens_per_s']:.1f} / HiFT {r['hift_tokens_per_s']:.1f}",
                          f"{r['speedup']:.2f}x", "-", "-"))
             continue

@@ -91,6 +91,20 @@ def test_sft_comparison_takes_the_newest_speed_run_of_the_setting_and_loss_ab_is
     assert sp["settings"]["loss_ab"] == 1 and sp["settings"]["full"] is False
     with pytest.raises(SystemExit, match="unknown setting 'loss_ab'"):
         bench_sft.parse_config("hift-adamw:loss_ab=1", {})
+    longer = run("speed:steps=40", "speed", 1.45, "2026-12-03T12:00:00")
+    longer["settings"]["steps"] = 40  # a speed run's own setting: still the HiFT run's steps
+    c = bench_sft.compare({"runs": [run("full-adamw", "full"), run("hift-adamw", "hift"), older, newer, longer],
+                           "sweep": []})
+    assert c["speed_run"] == "speed:steps=40" and c["speedup_side_by_side"] == 1.45
+    assert bench_sft.parse_config("speed:steps=40", {})["settings"]["steps"] == 40
+
+
+def test_sft_speed_run_splits_the_step_times_by_the_active_group():
+    per_step = {"full": [2.0, 2.0, 4.0, 6.0], "hift": [1.0, 1.0, 3.0, 3.0]}
+    g0, g1 = (bench_sft._group_times(per_step, [0, 0, 1, 1], g) for g in (0, 1))
+    assert g0 == {"group": 0, "steps": 2, "full_step_s": 2.0, "hift_step_s": 1.0, "speedup": 2.0}
+    assert g1["steps"] == 2 and g1["full_step_s"] == 5.0 and g1["hift_step_s"] == 3.0
+    assert bench_sft._group_times(per_step, [0, 0, 0, 0], 1)["speedup"] is None  # a group no step updated
 
 
 def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_along_the_curve(tmp_path):
