@@ -186,9 +186,10 @@ class CausalLMTask(Task):
     # at lr 1e-4 1.0522 (1.37x); with 80 steps, 8 groups give each group only 10. Over 256 dev
     # responses (full fine-tuning 1.0285), 4 groups of 8 at lr 1e-4 / 1.5e-4 / 2e-4 / 3e-4 / 4e-4:
     # 1.0378 / 1.0423 / 1.0556 / 1.0861 / 1.1274, and lower, 7e-5 / 5e-5: 1.0421 / 1.0507, hence lr 1e-4.
-    # With 640 problems in one pass (sft-cpu-640x1.json) lr 1e-4 also beats 5e-5 / 2e-4, but 2 groups of 16
-    # come closer to full fine-tuning (+1.6% vs +5.9%) at 1.46x instead of 1.78x its tokens/s: on larger
-    # data, fewer groups.
+    # With 640 problems in one pass (sft-cpu-640x1.json) lr 1e-4 also beats 5e-5 / 2e-4, but fewer groups
+    # come closer to full fine-tuning: 2 / 3 / 4 groups +1.6% / +4.1% / +5.9% at 1.35x / 1.51x / 1.62x its
+    # tokens/s (side by side over 40-48 steps; the one-cycle figures above read higher): on larger data,
+    # fewer groups if speed matters less.
     # The AdaGrad/SGD rates are first guesses.
     defaults: Dict[str, Any] = {
         "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
