@@ -144,7 +144,6 @@ def run_speed(s: dict, log) -> dict:
 
     from _side_by_side import rotate, train_step
     from hift_ext.data import epoch_permutation
-    from hift_ext.schedule import GroupSchedule
     from hift_ext.tasks import get_task
     from hift_ext.train import TrainConfig, make_optimizer
 
@@ -172,11 +171,15 @@ def run_speed(s: dict, log) -> dict:
     def job_loss(model, batch):  # what the training loop computes (response-only logits)
         return task.loss(model, batch, batch)
 
-    sched = GroupSchedule(k, cfg.strategy, cfg.seed, cfg.resolved_steps_per_group())  # the optimizer's schedule
-    groups = [sched.group_at(t) for t in range(n)]  # the group each HiFT step updates
+    groups = []  # the group each step of "hift" updates, as its optimizer reports it
+
+    def step(name, batch):
+        if name == "hift":
+            groups.append(opts[name].active_group)
+        train_step(models[name], opts[name], batch, cfg.max_grad_norm, None if "model-loss" in name else job_loss)
+
     per_step = {}
-    times = rotate({name: (lambda b, m=models[name], o=opts[name], f=(None if "model-loss" in name else job_loss):
-                           train_step(m, o, b, cfg.max_grad_norm, f)) for name in setups}, order, log, per_step)
+    times = rotate({name: (lambda b, name=name: step(name, b)) for name in setups}, order, log, per_step)
     rec = {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"],
