@@ -29,16 +29,23 @@ def train_step(model, optimizer, batch: Dict[str, torch.Tensor], max_grad_norm: 
 
 def rotate(steps: Dict[str, Callable[[Dict[str, torch.Tensor]], None]], batches: Sequence[Dict[str, torch.Tensor]],
            log: Callable[[str], None] = lambda m: None,
-           per_step: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+           per_step: Optional[Dict[str, List[float]]] = None,
+           sync: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Seconds each of ``steps`` (name -> one training step on a batch) spent over ``batches``,
-    taking the steps in rotation on each batch; ``per_step`` (when given) receives each step's seconds."""
+    taking the steps in rotation on each batch; ``per_step`` (when given) receives each step's seconds.
+    ``sync`` (a GPU's synchronize) runs before each clock reading, so a step's time includes its
+    queued device work and no other step's."""
     names: List[str] = list(steps)
     seconds = {n: 0.0 for n in names}
     for i, batch in enumerate(batches):
         r = i % len(names)
         for name in names[r:] + names[:r]:
+            if sync is not None:
+                sync()
             t0 = time.perf_counter()
             steps[name](batch)
+            if sync is not None:
+                sync()
             dt = time.perf_counter() - t0
             seconds[name] += dt
             if per_step is not None:

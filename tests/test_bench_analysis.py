@@ -172,3 +172,56 @@ def test_sft_equal_time_curve_joins_a_finer_run_of_the_same_full_ft_curve():
     c = bench_sft.compare(dict(result, sweep=[early, other]))
     assert c["equal_time_curve"][0]["full_loss_same_time"] == pytest.approx(1.08)
     assert c["equal_time_met_at_any_evaluation"] is False and c["full_evaluations"] == 7
+
+
+def test_side_by_side_rotation_waits_for_the_device_around_each_step():
+    import _side_by_side
+
+    events = []
+    steps = {n: (lambda b, n=n: events.append((n, b))) for n in ("full", "hift")}
+    per_step = {}
+    times = _side_by_side.rotate(steps, [0, 1], per_step=per_step, sync=lambda: events.append("sync"))
+    # who goes first rotates; every step sits between two synchronizations (its queued device work is its own)
+    assert events == ["sync", ("full", 0), "sync", "sync", ("hift", 0), "sync",
+                      "sync", ("hift", 1), "sync", "sync", ("full", 1), "sync"]
+    assert set(times) == {"full", "hift"} and [len(v) for v in per_step.values()] == [2, 2]
+
+
+def test_sft_random_init_builds_the_config_with_random_weights_and_restores_the_loader(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hift_ext.model_source import ModelSource
+    from hift_ext.tasks import causal_lm
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    config.save_pretrained(tmp_path)  # a config.json and no weights: what --export-shape writes (with a tokenizer)
+    loader = causal_lm.load_causal_lm
+    src = ModelSource(str(tmp_path), str(tmp_path))
+    with bench_sft._random_weights(True):
+        model = causal_lm.load_causal_lm(src)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    assert causal_lm.load_causal_lm is loader
+    with bench_sft._random_weights(False):
+        assert causal_lm.load_causal_lm is loader
+    assert bench_sft.parse_config("speed:random_init=1", {})["settings"]["random_init"] == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sft_speed_run_times_both_setups_in_the_runs_precision_from_a_weightless_shape(tmp_path, precision):
+    pytest.importorskip("transformers")
+    from _causal_testutil import make_tiny_llama, make_tokenizer
+
+    tok = make_tokenizer()
+    make_tiny_llama(len(tok)).config.save_pretrained(tmp_path)  # config + tokenizer, no weights
+    tok.save_pretrained(tmp_path)
+    s = {"model": str(tmp_path), "random_init": 1, "steps": 2, "max_train_examples": 8, "batch_size": 2,
+         "group_size": 2, "steps_per_group": 1, "precision": precision, "full_masters": int(precision == "bf16")}
+    rec = bench_sft.run_speed(s, lambda msg: None)
+    assert rec["mode"] == "speed" and rec["precision"] == precision and rec["random_init"] is True
+    assert rec["device"] == "cpu" and rec["num_groups"] == 2 and rec["steps_each"] == 2
+    assert [g["steps"] for g in rec["by_group"]] == [1, 1]  # whole cycles: each group as often
+    assert rec["full_tokens_per_s"] > 0 and rec["hift_tokens_per_s"] > 0
+    assert ("full_masters" in rec) == (precision == "bf16")
+    if precision == "fp32":
+        with pytest.raises(SystemExit, match="full_masters=1 needs precision"):
+            bench_sft.run_speed({**s, "full_masters": 1}, lambda msg: None)
