@@ -266,9 +266,8 @@ def export_shape(out_dir: str) -> None:
 
     src = default_model("causal-lm")
     config = AutoConfig.from_pretrained(src.path, local_files_only=True, **src.kwargs())
-    for attr in ("quantization_config",):  # the GGUF's; the model built from this config is dense
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):  # the GGUF's; a model built from this config is dense
+        delattr(config, "quantization_config")
     os.makedirs(out_dir, exist_ok=True)
     load_tokenizer(src, None).save_pretrained(out_dir)
     config.save_pretrained(out_dir)
@@ -367,11 +366,11 @@ def _joined_history(result: dict, run: dict) -> list:
 
 
 def _full_reference(result: dict, hift: dict):
-    """The full fine-tuning (AdamW) run to hold ``hift`` against: one in the same precision
+    """The full fine-tuning (AdamW) run to hold ``hift`` against: a whole one in the same precision
     ("full-adamw" itself when it is one), since a bf16 run is compared with full FT in bf16 (autocast)."""
     precision = lambda r: (r.get("settings") or {}).get("precision") or "fp32"  # noqa: E731 (older: fp32)
     fulls = [r for r in result.get("runs", []) if r.get("mode") == "full" and r["name"].startswith("full-adamw")
-             and precision(r) == precision(hift)]
+             and precision(r) == precision(hift) and not (r.get("settings") or {}).get("stop_after")]
     return next((r for r in fulls if r["name"] == "full-adamw"), fulls[0] if fulls else None)
 
 

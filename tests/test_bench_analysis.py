@@ -225,3 +225,21 @@ def test_sft_speed_run_times_both_setups_in_the_runs_precision_from_a_weightless
     if precision == "fp32":
         with pytest.raises(SystemExit, match="full_masters=1 needs precision"):
             bench_sft.run_speed({**s, "full_masters": 1}, lambda msg: None)
+
+
+def test_sft_comparison_holds_a_bf16_hift_run_against_full_fine_tuning_in_bf16():
+    def run(name, mode, loss, precision=None, **extra):
+        st = {"full": mode == "full", "optimizer": "adamw", **({"precision": precision} if precision else {}), **extra}
+        return {"name": name, "mode": mode, "settings": st, "eval_loss": loss, "epochs": 1, "steps": 40,
+                "eval_history": [{"epoch": 1, "step": 40, "eval_loss": loss, "elapsed_s": 60.0}],
+                "train_time_s": 60.0, "train_tokens_per_s": 1.0}
+
+    runs = [run("full-adamw", "full", 0.90), run("full-adamw:precision=bf16,stop_after=20", "full", 0.80, "bf16",
+                                                  stop_after=20),
+            run("full-adamw:precision=bf16", "full", 1.00, "bf16"), run("hift-adamw", "hift", 0.99),
+            run("hift-adamw:precision=bf16", "hift", 1.01, "bf16")]
+    c = bench_sft.compare({"runs": runs, "sweep": [], "hift_reference": "hift-adamw:precision=bf16"})
+    assert c["full_run"] == "full-adamw:precision=bf16" and c["equal_epochs_gap_pct"] == pytest.approx(1.0)
+    c = bench_sft.compare({"runs": runs, "sweep": []})  # an fp32 HiFT run: full-adamw (records without precision)
+    assert c["full_run"] == "full-adamw" and c["equal_epochs_gap_pct"] == pytest.approx(10.0)
+    assert bench_sft.compare({"runs": runs[3:], "sweep": []}) == {}  # no full FT run in fp32: nothing to compare
