@@ -27,7 +27,8 @@ and fp32 masters); `speed:model=DIR,random_init=1` times the same architecture w
 the config and tokenizer that `--export-shape DIR` wrote (a GPU machine without the GGUF).
 
 A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
-hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...); the
+hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...; an
+unequal split as group_size=24+8, each group's units bottom to top); the
 rest is the causal-lm task's defaults. Runs already in the JSON with identical settings are skipped
 unless --rerun; --sweep files runs under "sweep" instead of "runs".
 """
@@ -92,6 +93,9 @@ def parse_config(spec: str, common: dict) -> dict:
         k, _, v = kv.partition("=")
         if k not in fields and not (name == "speed" and k in SPEED_KEYS):
             raise SystemExit(f"bench_sft: unknown setting {k!r} in {spec!r}")
+        if k == "group_size" and "+" in v:  # an unequal split, bottom to top: group_size=24+8
+            settings[k] = [_num(x) for x in v.split("+")]
+            continue
         n = _num(v)
         settings[k] = v if n is None else n
     if name not in ("untrained",):
@@ -151,7 +155,7 @@ def run_speed(s: dict, log) -> dict:
     from _side_by_side import rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
-    from hift_ext.train import TrainConfig, _pick_device, make_optimizer
+    from hift_ext.train import TrainConfig, _pick_device, make_optimizer, precision_autocast
 
     s = dict(s)
     loss_ab = bool(s.pop("loss_ab", 0))
@@ -204,8 +208,7 @@ def run_speed(s: dict, log) -> dict:
         batch = {key: v.to(device, non_blocking=True) for key, v in host_batch.items()}
         # the job's loss (response-only logits) as the training loop computes it: labels read on the host
         job_loss = None if "model-loss" in name else (lambda model, b: task.loss(model, b, host_batch))
-        with torch.autocast(device_type=device.type, dtype=low or torch.bfloat16,
-                            enabled=low is not None and name in autocast_fp32):
+        with precision_autocast(device, low, full=name in autocast_fp32):
             train_step(models[name], opts[name], batch, cfg.max_grad_norm, job_loss)
 
     for name in setups:  # one untimed step each: allocations, kernel and library set-up (cuBLAS on a GPU)
@@ -448,6 +451,12 @@ def compare(result: dict) -> dict:
     return c
 
 
+def _groups(r: dict) -> str:
+    """``3x11``, or ``2: 24+8`` for an unequal split (units per group, bottom to top)."""
+    gs = r["group_size"]
+    return f"{r['num_groups']}: {'+'.join(map(str, gs))}" if isinstance(gs, (list, tuple)) else f"{r['num_groups']}x{gs}"
+
+
 def fmt_table(result: dict) -> str:
     rows = [("run", "lr", "groups", "dev loss/epoch", "ppl", "exact match", "tok/s", "train time", "peak mem",
              "opt state")]
@@ -455,7 +464,7 @@ def fmt_table(result: dict) -> str:
         sweep = r in result.get("sweep", [])
         if r["mode"] == "speed":
             by_group = " ".join(f"g{g['group']} {g['speedup']:.2f}x" for g in r.get("by_group") or [] if g["speedup"])
-            rows.append((r["name"], "-", f"{r['num_groups']}x{r['group_size']}",
+            rows.append((r["name"], "-", _groups(r),
                          f"(side by side, {r['steps_each']} steps{': ' + by_group if by_group else ''})", "-",
                          "-", f"full {r['full_tokens_per_s']:.1f} / HiFT {r['hift_tokens_per_s']:.1f}",
                          f"{r['speedup']:.2f}x", "-", "-"))
@@ -468,7 +477,7 @@ def fmt_table(result: dict) -> str:
                          "-", "-", peak, "-"))
             continue
         hist = " ".join(f"{e['eval_loss']:.4f}" for e in _epoch_ends(r.get("eval_history") or []))
-        groups = "-" if r["mode"] == "full" else f"{r['num_groups']}x{r['group_size']} {r['strategy']}"
+        groups = "-" if r["mode"] == "full" else f"{_groups(r)} {r['strategy']}"
         rows.append((r["name"] + (" (sweep)" if sweep else ""), f"{r['lr']:g}", groups, hist,
                      f"{r['eval_perplexity']:.3f}", em, f"{r['train_tokens_per_s']:.1f}", f"{r['train_time_s']:.0f}s",
                      peak, f"{r['optimizer_state_device_bytes'] / 2**20:.0f} MiB"))

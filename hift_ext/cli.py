@@ -65,6 +65,13 @@ def _float_flag(key: str):
 _positive_int = _int_flag(low=1)
 
 
+def _group_size_flag(s: str):
+    """``--group-size``: M (units per group) or M1,M2,... (units of each group, bottom to top)."""
+    parts = s.split(",")
+    sizes = [_positive_int(part.strip()) for part in parts]
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 # ------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from hift_ext import hparams
@@ -123,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"base optimizer [default: {d.optimizer}]")
     o.add_argument("--full", action="store_true", default=None,
                    help="standard full fine-tuning with torch.optim (the baseline) instead of HiFT")
-    o.add_argument("--group-size", type=_positive_int, metavar="M", default=None,
-                   help=f"layer units per HiFT group [default: {dflt('group_size')}]")
+    o.add_argument("--group-size", type=_group_size_flag, metavar="M", default=None,
+                   help="layer units per HiFT group, or a list M1,M2,... of each group's units, bottom to "
+                   "top, adding up to the model's units (an unequal split: a small top group makes the "
+                   f"average step cheaper) [default: {dflt('group_size')}]")
     o.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help=f"order in which groups are updated [default: {dflt('strategy')}]")
     o.add_argument("--steps-per-group", type=_positive_int, metavar="K", default=None,
@@ -219,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--model", metavar="PATH", default=None,
                     help="transformers checkpoint directory, .gguf file or model package [default: packaged "
                     "all-MiniLM-L6-v2]")
-    gr.add_argument("--group-size", type=_positive_int, default=d.group_size, metavar="M",
-                    help="layer units per group [default: finetune's, %(default)s]")
+    gr.add_argument("--group-size", type=_group_size_flag, default=d.group_size, metavar="M",
+                    help="layer units per group, or M1,M2,... per group, bottom to top [default: finetune's, "
+                    "%(default)s]")
     return p
 
 

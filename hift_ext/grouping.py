@@ -2,8 +2,9 @@
 
 A *unit* is one layer of the model in the HiFT sense, ordered bottom (input
 side) to top (output side): the embeddings, each transformer block, the final
-norm, the head. A *group* is a run of ``group_size`` consecutive units; HiFT
-updates one group per optimizer step.
+norm, the head. A *group* is a run of ``group_size`` consecutive units (or,
+with a list such as ``[24, 8]``, of those sizes, bottom to top); HiFT updates
+one group per optimizer step.
 
 How units are found (no per-architecture configuration):
 
@@ -47,7 +48,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,6 +58,9 @@ __all__ = [
     "Group",
     "model_units",
     "group_model",
+    "group_bounds",
+    "normalize_group_size",
+    "format_group_size",
     "groups_from_params",
     "describe_groups",
     "compact_names",
@@ -333,21 +337,60 @@ def model_units(model: nn.Module) -> List[Unit]:
     return units
 
 
-def _check_group_size(group_size, num_units: int) -> None:
+GroupSize = Union[int, Sequence[int]]
+
+
+def normalize_group_size(group_size: Any, owner: str = "group_size") -> Union[int, Tuple[int, ...]]:
+    """``group_size`` as an int (units per group; the last group takes the rest) or a tuple of ints
+    (units per group, bottom to top: an unequal split such as ``(24, 8)``). TypeError / ValueError
+    that say what is accepted; the count of units is checked by :func:`group_model`."""
+    if isinstance(group_size, (list, tuple)):
+        sizes = tuple(group_size)
+        if not sizes or any(isinstance(n, bool) or not isinstance(n, int) for n in sizes):
+            raise TypeError(f"{owner} as a list must hold ints (layer units per group, bottom to top), "
+                            f"got {group_size!r}")
+        if min(sizes) < 1:
+            raise ValueError(f"{owner}: every group needs at least 1 layer unit, got {list(sizes)}")
+        return sizes
     if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size < 1 or group_size > num_units:
+        raise TypeError(f"{owner} must be an int (layer units per group) or a list of ints (units per "
+                        f"group, bottom to top), got {group_size!r}")
+    if group_size < 1:
+        raise ValueError(f"{owner} must be >= 1 (layer units per group), got {group_size}")
+    return group_size
+
+
+def group_bounds(group_size: GroupSize, num_units: int) -> List[Tuple[int, int]]:
+    """``[start, stop)`` unit ranges of the groups, bottom to top. An int must be at most
+    ``num_units``; a list must add up to exactly ``num_units``."""
+    if isinstance(group_size, int) and not isinstance(group_size, bool) and not 1 <= group_size <= num_units:
         raise ValueError(
             f"group_size must be between 1 and {num_units} (the model has {num_units} "
             f"layer units), got {group_size}"
         )
+    gs = normalize_group_size(group_size)
+    if isinstance(gs, int):
+        return [(s, min(s + gs, num_units)) for s in range(0, num_units, gs)]
+    if sum(gs) != num_units:
+        raise ValueError(
+            f"group_size {list(gs)} covers {sum(gs)} layer units but the model has {num_units}: the sizes "
+            f"(bottom to top) must add up to {num_units} (`hift-ext groups` lists the units)"
+        )
+    bounds, start = [], 0
+    for n in gs:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
 
 
-def group_model(model: nn.Module, group_size: int = 1) -> List[Group]:
-    """Consecutive runs of ``group_size`` units of :func:`model_units`, bottom to top.
+def group_model(model: nn.Module, group_size: GroupSize = 1) -> List[Group]:
+    """Groups of consecutive units of :func:`model_units`, bottom to top.
 
-    The last group holds the remaining units when ``group_size`` does not divide the
-    number of units.
+    ``group_size`` an int: runs of that many units, the last group holding the remaining units
+    when it does not divide the number of units. A list of ints: the units of each group, bottom
+    to top (they must add up to the number of units): an unequal split, e.g. a large bottom group
+    and a small top one, whose steps cost less on average (a step's backward runs from the loss
+    down to its group's lowest layer, whatever the group's size).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"group_model expects an nn.Module, got {type(model).__name__}")
@@ -365,10 +408,9 @@ def group_model(model: nn.Module, group_size: int = 1) -> List[Group]:
             + ". Freeze them (requires_grad_(False)) or pass explicit groups"
         )
     units = model_units(model)
-    _check_group_size(group_size, len(units))
     groups: List[Group] = []
-    for start in range(0, len(units), group_size):
-        chunk = units[start:start + group_size]
+    for start, stop in group_bounds(group_size, len(units)):
+        chunk = units[start:stop]
         groups.append(
             Group(
                 index=len(groups),
@@ -512,7 +554,14 @@ def compact_names(names: Sequence[str]) -> str:
     return ", ".join(out)
 
 
-def describe_groups(model: nn.Module, group_size: int = 1, file=None) -> str:
+def format_group_size(group_size: GroupSize) -> str:
+    """``4``, or ``24,8`` for an unequal split (as ``--group-size`` takes it)."""
+    if isinstance(group_size, (list, tuple)):
+        return ",".join(str(n) for n in group_size)
+    return str(group_size)
+
+
+def describe_groups(model: nn.Module, group_size: GroupSize = 1, file=None) -> str:
     """Print (to ``file``, default stdout) and return a table of the model's HiFT groups:
     group index, modules, parameter count and share of the grouped parameters."""
     groups = group_model(model, group_size)
@@ -522,7 +571,7 @@ def describe_groups(model: nn.Module, group_size: int = 1, file=None) -> str:
         for g in groups
     ]
     header = ("group", "modules", "params", "share")
-    footer = ("total", f"{len(groups)} groups, group_size={group_size}", f"{total:,}", "100.0%")
+    footer = ("total", f"{len(groups)} groups, group_size={format_group_size(group_size)}", f"{total:,}", "100.0%")
     widths = [max(len(r[i]) for r in rows + [header, footer]) for i in range(4)]
 
     def fmt(r) -> str:

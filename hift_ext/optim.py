@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -955,7 +955,7 @@ class _HiFTMixin:
         self,
         model_or_groups,
         *,
-        group_size: int = 1,
+        group_size: int | Sequence[int] = 1,
         strategy: str = "down2up",
         seed: int = 0,
         steps_per_group: int = 1,
@@ -975,12 +975,9 @@ class _HiFTMixin:
         del schedule_probe
         check_steps_per_group(steps_per_group, f"{name}: steps_per_group")
         _check_data_parallel_args(name, shard_state, bucket_cap_mb, accumulation_steps, comm_timeout)
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"{name}: group_size must be an int, got {group_size!r}")
-        if group_size < 1:
-            raise ValueError(
-                f"{name}: group_size must be >= 1 (layers per group), got {group_size}"
-            )
+        from hift_ext.grouping import normalize_group_size
+
+        group_size = normalize_group_size(group_size, f"{name}: group_size")
         groups = self._resolve_groups(model_or_groups, group_size)
         self._hift_init = True
         self._groups = groups
@@ -1006,7 +1003,7 @@ class _HiFTMixin:
         self._activate(self._schedule.current)
 
     # ----------------------------------------------------------------------------- grouping
-    def _resolve_groups(self, model_or_groups, group_size: int):
+    def _resolve_groups(self, model_or_groups, group_size):
         from hift_ext import grouping
 
         name = type(self).__name__
@@ -1104,8 +1101,9 @@ class _HiFTMixin:
         return self._groups
 
     @property
-    def group_size(self) -> int | None:
-        """Layers per group when built from a model; None for explicit groups."""
+    def group_size(self) -> int | tuple[int, ...] | None:
+        """Layer units per group when built from a model (a tuple for an unequal split, bottom to
+        top); None for explicit groups."""
         return self._group_size
 
     # ----------------------------------------------------------------------------- residency
@@ -1544,7 +1542,7 @@ class _HiFTMixin:
             "format": 1,
             "optimizer": type(self).__name__,
             "num_groups": self.num_groups,
-            "group_size": self._group_size,
+            "group_size": list(self._group_size) if isinstance(self._group_size, tuple) else self._group_size,
             "strategy": self._schedule.strategy,
             "steps_per_group": self._schedule.steps_per_group,
             "schedule": self._schedule.state_dict(),
@@ -1660,7 +1658,9 @@ def _hift_doc(base: str) -> str:
     return (
         f"HiFT with {base}: ``({base.split('.')[-1]}-kwargs)`` plus ``model_or_groups, group_size=1, "
         "strategy='down2up', seed=0, steps_per_group=1, offload=None, offload_slots=2, "
-        "offload_prefetch=True``. steps_per_group=K > 1 takes K consecutive successful steps on each "
+        "offload_prefetch=True``. group_size: layer units per group, or a list of them per group, "
+        "bottom to top (an unequal split: ``[24, 8]``; they must add up to the model's units). "
+        "steps_per_group=K > 1 takes K consecutive successful steps on each "
         "group before switching (block-coordinate HiFT; every group keeps its optimizer state, and with "
         "offload the active group's state stays on the device for its whole block). "
         "offload (default: True when the parameters are on CUDA) keeps every group's optimizer state "

@@ -127,12 +127,18 @@ def human_time(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _groups_phrase(num_groups: int, group_size) -> str:
+    if isinstance(group_size, (list, tuple)):  # an unequal split, bottom to top
+        return f"{num_groups} groups of {'+'.join(str(n) for n in group_size)} units"
+    return f"{num_groups} groups of {group_size} unit(s)"
+
+
 def format_summary(cfg, m: Dict[str, Any]) -> str:
     """The table ``hift-ext finetune`` prints at the end of a run."""
     from hift_ext.tasks import get_task
 
     mode = "full fine-tuning" if m["mode"] == "full" else (
-        f"HiFT, {m['num_groups']} groups of {m['group_size']} unit(s), {m['strategy']}"
+        f"HiFT, {_groups_phrase(m['num_groups'], m['group_size'])}, {m['strategy']}"
         + (f", {m['steps_per_group']} steps per group" if (m.get("steps_per_group") or 1) > 1 else ""))
     rows = [
         ("mode", f"{mode}, {m['optimizer']} lr {m['lr']:g}"

@@ -26,7 +26,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -102,7 +102,7 @@ class TrainConfig:
     # Tuned on SST-2 with MiniLM (benchmarks/bench_sst2.py): 2 groups of 4 units, top group first,
     # lr 1e-4 average 87.13% over 4 seeds against full fine-tuning's 87.79%; 4 groups down2up at
     # 2e-4 averaged 86.09% (3 seeds).
-    group_size: int = 4
+    group_size: Union[int, List[int]] = 4  # a list: each group's units, bottom to top (an unequal split)
     strategy: str = "up2down"
     # consecutive optimizer steps on each group before switching (1: plain HiFT; K > 1: block-coordinate
     # HiFT, and with offload a group's state crosses to the device once per K steps). None: the task's
@@ -195,6 +195,8 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
+        if isinstance(d["group_size"], tuple):  # as JSON holds it: a resume compares it with the saved list
+            d["group_size"] = list(d["group_size"])
         d["mode"] = self.mode
         d["task"] = self.resolved_task()
         d["lr"] = self.resolved_lr()
@@ -217,8 +219,8 @@ class TrainConfig:
         if self.lr_hold is not None and self.lr_hold not in HOLDS:
             raise UsageError(f"lr_hold {self.lr_hold!r}: choose {', '.join(HOLDS)} (or None for the default)")
         try:
-            for name in ("epochs", "batch_size", "grad_accum", "max_length", "group_size",
-                         "logging_steps", "max_nonfinite_steps"):
+            for name in ("epochs", "batch_size", "grad_accum", "max_length", "logging_steps",
+                         "max_nonfinite_steps"):
                 hparams.check_int(flag(name), getattr(self, name), low=1)
             for name in ("max_steps", "max_train_examples", "max_eval_examples", "save_steps", "eval_steps",
                          "stop_after", "threads", "steps_per_group"):
@@ -233,6 +235,12 @@ class TrainConfig:
                               names={k: flag(k) for k in ("lr", "weight_decay", "momentum", "max_grad_norm",
                                                           "warmup_ratio")})
         except hparams.HParamError as exc:
+            raise UsageError(str(exc)) from None
+        from hift_ext.grouping import normalize_group_size
+
+        try:
+            normalize_group_size(self.group_size, "--group-size")
+        except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         if self.full and self.world_size > 1:
             raise UsageError(f"--full on {self.world_size} processes: hift-ext's data parallelism is HiFT's "
@@ -278,11 +286,15 @@ def resolve_model_path(model: Optional[str]) -> str:
 OptimizerFactory = Callable[["TrainConfig", torch.nn.Module], torch.optim.Optimizer]
 
 
-def effective_group_size(model: torch.nn.Module, group_size: int) -> int:
+def effective_group_size(model: torch.nn.Module, group_size):
     """A group size above the model's layer-unit count means one group of everything: the default
-    (4, tuned for MiniLM) must not refuse a smaller model. Used by finetune and `groups`."""
+    (4, tuned for MiniLM) must not refuse a smaller model. A list (an unequal split) is taken as
+    given: the optimizer refuses one that does not add up to the model's units. Used by finetune
+    and `groups`."""
     from hift_ext import grouping
 
+    if isinstance(group_size, (list, tuple)):
+        return tuple(group_size)
     return min(group_size, len(grouping.model_units(model)))
 
 
@@ -326,6 +338,13 @@ def _data_parallel_kw(cfg: TrainConfig) -> Dict[str, Any]:
     """Under torch.distributed the HiFT optimizer synchronizes the ranks itself (the default process
     group); one process passes nothing, so it builds the optimizer exactly as before."""
     return {"shard_state": True} if cfg.shard_state else {}
+
+
+def precision_autocast(device: torch.device, low_precision: Optional[torch.dtype], *, full: bool):
+    """The autocast context of a training step: full fine-tuning in bf16/fp16 autocasts its fp32
+    weights; HiFT's weights already are bf16/fp16 (fp32 masters), so HiFT and fp32 runs do not."""
+    return torch.autocast(device_type=device.type, dtype=low_precision or torch.bfloat16,
+                          enabled=low_precision is not None and full)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
@@ -555,10 +574,7 @@ class _Training:
             self.scaler.load_state_dict(tensors["scaler"])
 
     def autocast(self):
-        """Full fine-tuning in bf16/fp16 autocasts fp32 weights; HiFT's weights already are bf16/fp16."""
-        dtype = self.cfg.low_precision
-        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.bfloat16,
-                              enabled=dtype is not None and self.cfg.full)
+        return precision_autocast(self.device, self.cfg.low_precision, full=self.cfg.full)
 
     def save(self) -> None:
         """Checkpoint the current position. Weights that are not finite stop the run instead (with
@@ -985,7 +1001,8 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
         optimizer = (optimizer_factory or make_optimizer)(cfg, model)
     except (ValueError, TypeError) as exc:  # the model cannot be trained as asked (e.g. no trainable params)
         raise UsageError(f"cannot build the optimizer for this model: {exc}") from None
-    if not cfg.full and getattr(optimizer, "group_size", None) not in (None, cfg.group_size):
+    if (not cfg.full and isinstance(cfg.group_size, int)
+            and getattr(optimizer, "group_size", None) not in (None, cfg.group_size)):
         log(f"group_size {cfg.group_size} is more than the model's {optimizer.group_size} layer units: "
             f"one group of all of them (HiFT updates the whole model each step here)")
     try:

@@ -97,6 +97,10 @@ def test_sft_comparison_takes_the_newest_speed_run_of_the_setting_and_loss_ab_is
                            "sweep": []})
     assert c["speed_run"] == "speed:steps=40" and c["speedup_side_by_side"] == 1.45
     assert bench_sft.parse_config("speed:steps=40", {})["settings"]["steps"] == 40
+    split = bench_sft.parse_config("hift-adamw:group_size=24+8,lr=1e-4", {})["settings"]  # an unequal split
+    assert split["group_size"] == [24, 8] and split["lr"] == 1e-4
+    assert bench_sft._groups({"num_groups": 2, "group_size": [24, 8]}) == "2: 24+8"
+    assert bench_sft._groups({"num_groups": 3, "group_size": 11}) == "3x11"
 
 
 def test_sft_speed_run_splits_the_step_times_by_the_active_group():

@@ -284,6 +284,37 @@ def test_steps_per_group_config_rules():
 
 
 @needs_kernels
+def test_unequal_group_split_finetunes_resumes_and_refuses_a_bad_sum(tiny_bert, small_data, tmp_path, capsys):
+    """--group-size 3,1 on the tiny BERT's 4 units: a bottom group of 3 and a top group of 1,
+    recorded as [3, 1] in config.json and metrics.json; a run stopped and resumed ends bitwise like
+    the uninterrupted one; sizes that do not add up to the units, or a 0, exit 2 naming the fix."""
+    common = ["--max-steps", "6", "--group-size", "3,1", "--lr", "1e-3", "--logging-steps", "1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rc, stdout, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", a), capsys)
+    assert rc == 0, err
+    assert "2 groups of 3+1 units" in stdout
+    m = json.load(open(os.path.join(a, "metrics.json")))
+    assert m["num_groups"] == 2 and m["group_size"] == [3, 1]
+    assert json.load(open(os.path.join(a, "config.json")))["group_size"] == [3, 1]
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, *common, "--output", b, "--stop-after", "3"), capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["finetune", "--resume", b, "--no-progress", "--group-size", "2,2"], capsys)
+    assert rc == 2 and "group_size: checkpoint [3, 1] vs now [2, 2]" in err
+    rc, _, err = run_cli(["finetune", "--resume", b, "--no-progress"], capsys)
+    assert rc == 0, err
+    wa, wb = load_model_pt(a), load_model_pt(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rc, _, err = run_cli(base_args(tiny_bert, small_data, "--max-steps", "1", "--group-size", "3,2",
+                                   "--output", str(tmp_path / "c")), capsys)
+    assert rc == 2 and "covers 5 layer units but the model has 4" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it
+        run_cli(base_args(tiny_bert, small_data, "--group-size", "3,0", "--output", str(tmp_path / "d")), capsys)
+    assert exc.value.code == 2 and "--group-size: value must be an integer >= 1, got 0" in capsys.readouterr().err
+    rc, stdout, err = run_cli(["groups", "--model", tiny_bert, "--group-size", "3,1"], capsys)
+    assert rc == 0 and "2 groups, group_size=3,1" in stdout
+
+
+@needs_kernels
 def test_steps_per_group_finetune_and_resume_mid_block(tiny_bert, small_data, tmp_path, capsys):
     """--steps-per-group 3: the group changes every 3 steps (metrics.jsonl, metrics.json, config.json);
     a run stopped in the middle of a block and resumed ends bitwise like the uninterrupted one; a

@@ -9,6 +9,7 @@ from hift_ext.grouping import (
     Unit,
     compact_names,
     describe_groups,
+    format_group_size,
     group_model,
     groups_from_params,
     model_units,
@@ -334,6 +335,23 @@ def test_bad_group_size():
         group_model(m, 2.0)
     with pytest.raises(TypeError, match="group_size"):
         group_model(m, True)
+
+
+def test_unequal_split_and_format():
+    m = llama()  # 5 units: embed, layers.0, layers.1, norm, lm_head
+    g = group_model(m, [3, 2])
+    assert [x.unit_names for x in g] == [["model.embed_tokens", "model.layers.0", "model.layers.1"],
+                                        ["model.norm", "lm_head"]]
+    assert [x.unit_names for x in group_model(m, (1, 1, 3))][2] == ["model.layers.1", "model.norm", "lm_head"]
+    check_partition(m, group_model(m, [4, 1]))
+    assert format_group_size([3, 2]) == "3,2" and format_group_size(4) == "4"
+    for bad in ([3, 3], [4], [2, 2]):
+        with pytest.raises(ValueError, match=r"must add up to 5"):
+            group_model(m, bad)
+    with pytest.raises(TypeError, match="must hold ints"):
+        group_model(m, [2, "3"])
+    with pytest.raises(ValueError, match="at least 1"):
+        group_model(m, [5, 0])
 
 
 def test_no_trainable_params():

@@ -344,6 +344,40 @@ def test_model_based_construction_and_group_size_fingerprint():
         opt1.load_state_dict(sd)
 
 
+def test_unequal_split_equals_the_same_explicit_groups_and_refuses_another_split():
+    """group_size=[3, 1]: the bottom three layers in one group, the top one alone, exactly as
+    explicit groups of those parameters train; its state_dict loads only into the same split."""
+    model, ref = MLP(), MLP()
+    opt = FusedHiFTAdamW(model, group_size=[3, 1], strategy="up2down", lr=1e-2)
+    assert opt.num_groups == 2 and opt.group_size == (3, 1)
+    assert [len(g.params) for g in opt.groups] == [6, 2]
+    g = ref.groups()
+    opt_ref = FusedHiFTAdamW([g[0] + g[1] + g[2], g[3]], strategy="up2down", lr=1e-2)
+    assert hift_train(model, opt, 6) == hift_train(ref, opt_ref, 6) == [1, 0, 1, 0, 1, 0]
+    assert_params_equal(model.parameters(), ref.parameters(), exact=True)
+    sd = opt.state_dict()
+    assert sd["hift"]["group_size"] == [3, 1]
+    resumed = FusedHiFTAdamW(MLP(), group_size=(3, 1), strategy="up2down", lr=1e-2)
+    resumed.load_state_dict(sd)
+    assert resumed.hift_position == 6
+    other = FusedHiFTAdamW(MLP(), group_size=[2, 2], strategy="up2down", lr=1e-2)
+    with pytest.raises(ValueError, match=r"group_size=\[3, 1\]"):
+        other.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ([3, 2], ValueError, r"covers 5 layer units but the model has 4"),
+    ([4, 0], ValueError, "at least 1 layer unit"),
+    ([2, 1.5, 1], TypeError, "must hold ints"),
+    ([], TypeError, "must hold ints"),
+])
+def test_bad_unequal_split_is_refused_and_freezes_nothing(bad, exc, match):
+    model = MLP()
+    with pytest.raises(exc, match=match):
+        FusedHiFTAdamW(model, group_size=bad)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def _mismatch_cases():
     def other_model():
         m = MLP(sizes=(6, 12, 11, 10, 3))

@@ -212,6 +212,8 @@ def test_options_and_errors(tmp_path):
     assert opt.order[0] == opt.num_groups - 1
     opt, _ = create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="sgd")
     assert opt.defaults["momentum"] == 0.9
+    opt, _ = create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, group_size=[3, 1])  # an unequal split
+    assert opt.group_size == (3, 1) and [len(g.unit_names) for g in opt.groups] == [3, 1]
     opt, _ = create_hift_optimizer_and_scheduler(tiny_bert(), args, 10, optimizer="adagrad")
     assert type(opt).__name__ == "FusedHiFTAdaGrad"
     with pytest.raises(ValueError, match="unknown HiFT optimizer"):

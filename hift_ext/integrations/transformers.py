@@ -55,7 +55,7 @@ model; load the model in bfloat16 instead: HiFT keeps fp32 master weights).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -94,7 +94,7 @@ def create_hift_optimizer_and_scheduler(
     args,
     num_training_steps: int,
     optimizer: str = "adamw",
-    group_size: int = 1,
+    group_size: Union[int, Sequence[int]] = 1,
     strategy: str = "down2up",
     seed: Optional[int] = None,
     offload: bool = False,
@@ -109,7 +109,8 @@ def create_hift_optimizer_and_scheduler(
         args: the ``TrainingArguments``.
         num_training_steps: the LR schedule's horizon in optimizer steps (see :func:`num_training_steps`).
         optimizer: ``"adamw"`` (FusedHiFTAdamW), ``"adagrad"`` or ``"sgd"``.
-        group_size: layer units per HiFT group (the paper's m).
+        group_size: layer units per HiFT group (the paper's m), or a list of each group's units,
+            bottom to top (an unequal split).
         strategy: ``"down2up"``, ``"up2down"`` or ``"random"``.
         seed: seed of the ``random`` strategy (default ``args.seed``).
         offload: keep inactive groups' optimizer state in host memory (GPU training).
