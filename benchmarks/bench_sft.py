@@ -94,7 +94,11 @@ def parse_config(spec: str, common: dict) -> dict:
         if k not in fields and not (name == "speed" and k in SPEED_KEYS):
             raise SystemExit(f"bench_sft: unknown setting {k!r} in {spec!r}")
         if k == "group_size" and "+" in v:  # an unequal split, bottom to top: group_size=24+8
-            settings[k] = [_num(x) for x in v.split("+")]
+            sizes = [_num(x) for x in v.split("+")]
+            if not all(isinstance(n, int) for n in sizes):
+                raise SystemExit(f"bench_sft: group_size={v} in {spec!r}: write an unequal split as whole numbers "
+                                 "of units joined by '+', bottom to top (group_size=24+8)")
+            settings[k] = sizes
             continue
         n = _num(v)
         settings[k] = v if n is None else n

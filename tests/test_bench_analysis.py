@@ -99,6 +99,8 @@ def test_sft_comparison_takes_the_newest_speed_run_of_the_setting_and_loss_ab_is
     assert bench_sft.parse_config("speed:steps=40", {})["settings"]["steps"] == 40
     split = bench_sft.parse_config("hift-adamw:group_size=24+8,lr=1e-4", {})["settings"]  # an unequal split
     assert split["group_size"] == [24, 8] and split["lr"] == 1e-4
+    with pytest.raises(SystemExit, match="whole numbers of units joined by"):
+        bench_sft.parse_config("hift-adamw:group_size=24+x", {})
     assert bench_sft._groups({"num_groups": 2, "group_size": [24, 8]}) == "2: 24+8"
     assert bench_sft._groups({"num_groups": 3, "group_size": 11}) == "3x11"
 
