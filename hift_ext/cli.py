@@ -294,13 +294,17 @@ def cmd_finetune(args) -> int:
     except Exception as exc:  # noqa: BLE001 - e.g. the rendezvous timed out
         return _fail("finetune", f"cannot join the other processes of the launch: {exc}", code=1)
     ranks = distributed.Ranks()
+    rc = 1
     try:
-        return _finetune(args, ranks)
+        rc = _finetune(args, ranks)
+        return rc
     finally:
         if ranks.distributed and distributed.is_distributed():
             try:
                 import torch.distributed as dist
 
+                if rc == 0:  # every rank done: leave together. A rank that tears gloo down while rank 0
+                    dist.barrier()  # still writes the outputs can abort at exit (SIGABRT, a failed launch)
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
