@@ -457,8 +457,10 @@ def compare(result: dict) -> dict:
 
 def _groups(r: dict) -> str:
     """``3x11``, or ``2: 24+8`` for an unequal split (units per group, bottom to top)."""
+    from hift_ext.grouping import format_group_size
+
     gs = r["group_size"]
-    return f"{r['num_groups']}: {'+'.join(map(str, gs))}" if isinstance(gs, (list, tuple)) else f"{r['num_groups']}x{gs}"
+    return f"{r['num_groups']}: {format_group_size(gs, sep='+')}" if isinstance(gs, (list, tuple)) else f"{r['num_groups']}x{gs}"
 
 
 def fmt_table(result: dict) -> str:

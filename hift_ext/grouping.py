@@ -554,10 +554,10 @@ def compact_names(names: Sequence[str]) -> str:
     return ", ".join(out)
 
 
-def format_group_size(group_size: GroupSize) -> str:
-    """``4``, or ``24,8`` for an unequal split (as ``--group-size`` takes it)."""
+def format_group_size(group_size: GroupSize, sep: str = ",") -> str:
+    """``4``, or ``24,8`` for an unequal split (as ``--group-size`` takes it; ``sep="+"``: ``24+8``)."""
     if isinstance(group_size, (list, tuple)):
-        return ",".join(str(n) for n in group_size)
+        return sep.join(str(n) for n in group_size)
     return str(group_size)
 
 

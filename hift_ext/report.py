@@ -129,7 +129,9 @@ def human_time(s: float) -> str:
 
 def _groups_phrase(num_groups: int, group_size) -> str:
     if isinstance(group_size, (list, tuple)):  # an unequal split, bottom to top
-        return f"{num_groups} groups of {'+'.join(str(n) for n in group_size)} units"
+        from hift_ext.grouping import format_group_size
+
+        return f"{num_groups} groups of {format_group_size(group_size, sep='+')} units"
     return f"{num_groups} groups of {group_size} unit(s)"
 
 
