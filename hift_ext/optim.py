@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
@@ -923,6 +924,50 @@ class FusedSGD(_FusedOptimizer):
 # takes parameters that require grad), so it is unfrozen again before grouping; parameters the
 # user froze are left alone.
 _FROZEN_BY_HIFT = "_hift_frozen"
+# ... and, when the optimizer was given the model, its name is in this set in the __dict__ of each
+# module that owns it: copy.deepcopy(model) drops a Parameter's attributes but copies a module's
+# __dict__, so a HiFT optimizer built on a copy still tells HiFT's freezing from the user's.
+_FROZEN_NAMES = "_hift_frozen_names"
+
+
+class _FreezeMarks:
+    """Records which parameters a HiFT optimizer froze (see _FROZEN_BY_HIFT and _FROZEN_NAMES)."""
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        # id(parameter) -> the (module, name) pairs that hold it (two for a tied weight); weak, so
+        # the optimizer does not keep a dropped model's buffers alive
+        self._owners: dict[int, list[tuple[weakref.ref, str]]] = defaultdict(list)
+        if model is not None:
+            for mod in model.modules():
+                for name, p in mod._parameters.items():
+                    if p is not None:
+                        self._owners[id(p)].append((weakref.ref(mod), name))
+
+    def set(self, p: Tensor, frozen: bool) -> None:
+        setattr(p, _FROZEN_BY_HIFT, frozen)
+        for ref, name in self._owners.get(id(p), ()):
+            mod = ref()
+            if mod is not None:
+                names = mod.__dict__.setdefault(_FROZEN_NAMES, set())
+                (names.add if frozen else names.discard)(name)
+
+    @staticmethod
+    def frozen_in(model: nn.Module) -> list[Tensor]:
+        """The model's parameters that are frozen and were frozen by a HiFT optimizer."""
+        found: dict[int, Tensor] = {}
+        for mod in model.modules():
+            names = mod.__dict__.get(_FROZEN_NAMES, ())
+            for name, p in mod._parameters.items():
+                if p is None or p.requires_grad:
+                    continue
+                mark = getattr(p, _FROZEN_BY_HIFT, None)  # the parameter's own mark, where it kept one
+                if mark if mark is not None else name in names:
+                    found[id(p)] = p
+        return list(found.values())
+
+    def __deepcopy__(self, memo) -> "_FreezeMarks":
+        # a copied optimizer's parameters are copies: it marks them, not the original's modules
+        return _FreezeMarks()
 
 
 def _check_data_parallel_args(name: str, shard_state, bucket_cap_mb, accumulation_steps, comm_timeout) -> None:
@@ -978,6 +1023,7 @@ class _HiFTMixin:
         from hift_ext.grouping import normalize_group_size
 
         group_size = normalize_group_size(group_size, f"{name}: group_size")
+        self._marks = _FreezeMarks(model_or_groups if isinstance(model_or_groups, nn.Module) else None)
         groups = self._resolve_groups(model_or_groups, group_size)
         self._hift_init = True
         self._groups = groups
@@ -1009,8 +1055,7 @@ class _HiFTMixin:
         name = type(self).__name__
         if isinstance(model_or_groups, nn.Module):
             # parameters frozen by an earlier HiFT optimizer (not by the user) are trainable
-            thawed = [p for p in model_or_groups.parameters()
-                      if getattr(p, _FROZEN_BY_HIFT, False) and not p.requires_grad]
+            thawed = _FreezeMarks.frozen_in(model_or_groups)
             for p in thawed:
                 p.requires_grad_(True)
             try:
@@ -1025,7 +1070,7 @@ class _HiFTMixin:
                     p.requires_grad_(False)
                 raise
             for p in thawed:
-                setattr(p, _FROZEN_BY_HIFT, False)
+                self._marks.set(p, False)
         else:
             if group_size != 1:
                 raise ValueError(
@@ -1219,6 +1264,7 @@ class _HiFTMixin:
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_dp", None)
+        self.__dict__.setdefault("_marks", _FreezeMarks())  # an unpickled optimizer holds copies, no model
 
     def __deepcopy__(self, memo):
         import copy
@@ -1447,7 +1493,7 @@ class _HiFTMixin:
             for p in group["params"]:
                 if p.requires_grad != on:
                     p.requires_grad_(on)
-                    setattr(p, _FROZEN_BY_HIFT, not on)
+                    self._marks.set(p, not on)
                 if not on:
                     p.grad = None
 

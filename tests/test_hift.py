@@ -344,6 +344,54 @@ def test_model_based_construction_and_group_size_fingerprint():
         opt1.load_state_dict(sd)
 
 
+def test_a_deep_copy_of_the_model_is_regrouped_whole_and_keeps_the_users_frozen_parameters():
+    """copy.deepcopy(model) drops a Parameter's attributes (where the HiFT-frozen mark lives) but
+    copies the modules, which remember what HiFT froze: a HiFT optimizer on the copy groups every
+    parameter HiFT had frozen and leaves out those the user froze, before and after HiFT."""
+    model = MLP()
+    model.layers[0].bias.requires_grad_(False)  # frozen by the user before HiFT
+    opt = FusedHiFTAdamW(model, group_size=1, strategy="up2down")
+    hift_train(model, opt, 2)
+    model.layers[opt.active_group].weight.requires_grad_(False)  # ... and one while HiFT trains
+    user_frozen = {"layers.0.bias", f"layers.{opt.active_group}.weight"}
+    assert sum(p.requires_grad for p in model.parameters()) == 1
+    copied = copy.deepcopy(model)
+    assert not any(hasattr(p, "_hift_frozen") for p in copied.parameters())  # what the modules make up for
+    opt2 = FusedHiFTAdamW(copied, group_size=1, strategy="up2down")
+    trainable = {n for n, p in copied.named_parameters() if any(p is q for g in opt2.groups for q in g.params)}
+    assert trainable == {n for n, _ in copied.named_parameters()} - user_frozen
+    # a copy of a submodule, and a refused construction on a copy changes nothing
+    layers = copy.deepcopy(model.layers)
+    before = [p.requires_grad for p in layers.parameters()]
+    with pytest.raises(ValueError, match="covers 5 layer units"):
+        FusedHiFTAdamW(layers, group_size=[3, 2])
+    assert [p.requires_grad for p in layers.parameters()] == before
+    assert sum(len(g.params) for g in FusedHiFTAdamW(layers, group_size=1).groups) == 6
+
+
+def test_a_deep_copy_of_a_tied_model_regroups_the_tied_weight():
+    """A weight shared by two modules (an embedding tied with its head) is remembered by both."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(11, 4)
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.head = nn.Linear(4, 11, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    opt = FusedHiFTAdamW([[model.embed.weight], list(model.layers[0].parameters()),
+                          list(model.layers[1].parameters())], strategy="up2down")
+    assert not model.embed.weight.requires_grad  # the top group is active; no module marks: groups given
+    regrouped = FusedHiFTAdamW(model, group_size=1, strategy="up2down")  # the same model: the attribute
+    assert regrouped.num_groups == 3  # the embedding (and its tied head), then each layer
+    regrouped.zero_grad()
+    copied = copy.deepcopy(model)
+    assert copied.head.weight is copied.embed.weight and not copied.embed.weight.requires_grad
+    assert [len(g.params) for g in FusedHiFTAdamW(copied, group_size=1).groups] == [1, 2, 2]
+    del opt
+
+
 def test_unequal_split_equals_the_same_explicit_groups_and_refuses_another_split():
     """group_size=[3, 1]: the bottom three layers in one group, the top one alone, exactly as
     explicit groups of those parameters train; its state_dict loads only into the same split."""
