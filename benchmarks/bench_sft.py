@@ -25,6 +25,9 @@ full fine-tuning's on the same steps. A speed run takes the run's device and pre
 loop does (`speed:precision=bf16`: full fine-tuning autocasts its fp32 weights, HiFT keeps bf16 weights
 and fp32 masters); `speed:model=DIR,random_init=1` times the same architecture with random weights from
 the config and tokenizer that `--export-shape DIR` wrote (a GPU machine without the GGUF).
+`untrained:precision=bf16` scores the shipped model in bf16 weights (HiFT's starting point in bf16);
+the comparison measures a HiFT run against the untrained record of its own precision where the JSON
+has one, else `untrained` (fp32).
 
 A config is NAME[:key=value,...] with NAME in untrained, speed, full-adamw, full-adagrad, full-sgd, hift-adamw,
 hift-adagrad, hift-sgd and keys from hift_ext.train.TrainConfig (lr, group_size, strategy, ...; an
@@ -120,7 +123,8 @@ def _peak(device: str):
 
 
 def run_untrained(s: dict, log) -> dict:
-    """Dev loss and exact match of the model as shipped (what training starts from)."""
+    """Dev loss and exact match of the model as shipped (what training starts from); with
+    ``precision=bf16`` in bf16 weights, as HiFT trains it."""
     import torch
 
     from hift_ext.generation import exact_match, generation_batch_size
@@ -133,7 +137,7 @@ def run_untrained(s: dict, log) -> dict:
     tr, ev = task.data_paths(cfg)
     built = task.build(cfg, task.load_data(cfg, tr, ev), log)
     device = _pick_device(cfg.device)
-    built.model.to(device)
+    built.model.to(device=device, dtype=cfg.weights_dtype)  # precision=bf16: HiFT's starting point, bf16 weights
     null = contextlib.nullcontext
     t0 = time.time()
     loss = eval_loss(built.model, built.eval_ds, device, 2 * cfg.batch_size, null)
@@ -372,22 +376,34 @@ def _joined_history(result: dict, run: dict) -> list:
     return [by_step[s] for s in sorted(by_step)] if by_step else list(run["eval_history"])
 
 
+def _precision(r: dict) -> str:
+    return (r.get("settings") or {}).get("precision") or "fp32"  # (older records: fp32)
+
+
 def _full_reference(result: dict, hift: dict):
     """The full fine-tuning (AdamW) run to hold ``hift`` against: a whole one in the same precision
     ("full-adamw" itself when it is one), since a bf16 run is compared with full FT in bf16 (autocast)."""
-    precision = lambda r: (r.get("settings") or {}).get("precision") or "fp32"  # noqa: E731 (older: fp32)
     fulls = [r for r in result.get("runs", []) if r.get("mode") == "full" and r["name"].startswith("full-adamw")
-             and precision(r) == precision(hift) and not (r.get("settings") or {}).get("stop_after")]
+             and _precision(r) == _precision(hift) and not (r.get("settings") or {}).get("stop_after")]
     return next((r for r in fulls if r["name"] == "full-adamw"), fulls[0] if fulls else None)
+
+
+def _untrained_reference(result: dict, hift=None):
+    """The untrained model to measure training against: the one in ``hift``'s precision (HiFT's own
+    starting point: ``untrained:precision=bf16`` holds bf16 weights) where the file has it, else
+    ``untrained`` (fp32)."""
+    base = [r for r in result.get("runs", []) if r.get("mode") == "untrained"]
+    same = [r for r in base if hift is not None and _precision(r) == _precision(hift)]
+    return next(iter(same), next((r for r in base if r["name"] == "untrained"), base[0] if base else None))
 
 
 def compare(result: dict) -> dict:
     runs = {r["name"]: r for r in result.get("runs", [])}
-    base = runs.get("untrained")
     ref = result.get("hift_reference", "hift-adamw")  # the setting chosen as the default (maybe a sweep run)
     hift = runs.get(ref) or {r["name"]: r for r in result.get("sweep", [])}.get(ref)
     if not hift:
         return {}
+    base = _untrained_reference(result, hift)
     full = _full_reference(result, hift)
     if not full:
         return {}
@@ -448,6 +464,7 @@ def compare(result: dict) -> dict:
         c["full_evaluations"] = len(joined)
     if base and base.get("exact_match") is not None:  # (a run with --generate 0 scores no answers)
         c["exact_match_untrained"] = base["exact_match"]
+        c["untrained_run"] = base["name"]
         c["exact_match_full"] = full.get("exact_match")
         c["exact_match_hift"] = hift.get("exact_match")
         c["exact_match_target_met"] = (full.get("exact_match") or 0) > base["exact_match"] and \
@@ -500,9 +517,10 @@ def plot(result: dict, png: str) -> None:
         return
     runs = [r for r in result.get("runs", []) if r["mode"] not in ("untrained", "speed")]
     sweep = [r for r in result.get("sweep", []) if r["mode"] not in ("untrained", "speed")]
-    base = next((r for r in result.get("runs", []) if r["mode"] == "untrained"), None)
     if not runs and not sweep:
         return
+    base = _untrained_reference(result, next((r for r in runs + sweep
+                                               if r["name"] == result.get("hift_reference", "hift-adamw")), None))
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
     start = base["eval_loss"] if base else None
     for r in runs + sweep:
