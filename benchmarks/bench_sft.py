@@ -519,8 +519,8 @@ def plot(result: dict, png: str) -> None:
     sweep = [r for r in result.get("sweep", []) if r["mode"] not in ("untrained", "speed")]
     if not runs and not sweep:
         return
-    base = _untrained_reference(result, next((r for r in runs + sweep
-                                               if r["name"] == result.get("hift_reference", "hift-adamw")), None))
+    hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
+    base = _untrained_reference(result, hift)
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
     start = base["eval_loss"] if base else None
     for r in runs + sweep:
@@ -529,7 +529,6 @@ def plot(result: dict, png: str) -> None:
         style = dict(color="black", lw=2) if r["mode"] == "full" else {}
         a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=r["name"],
                 alpha=1.0 if r in runs else 0.5, **style)
-    hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
     full = _full_reference(result, hift) if hift else next((r for r in runs if r["name"] == "full-adamw"), None)
     sb = (result.get("comparison") or {}).get("speedup_side_by_side")  # the speed run of the reference's setting
     if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
