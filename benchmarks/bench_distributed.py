@@ -67,7 +67,7 @@ def run_rank(args) -> dict:
     import torch.distributed as dist
 
     from bench_memory import CONFIGS, build_model
-    from hift_ext.optim import FusedHiFTAdamW
+    from hift_ext.hift_optim import FusedHiFTAdamW
 
     cuda = args.device == "cuda"
     if cuda:

@@ -198,7 +198,7 @@ def _optimizer_name(mode: str, dtype: str) -> str:
 def measure(cfg_name: str, cfg: dict, mode: str, device: torch.device, *, batch: int, seq: int,
             gc_on: bool, attn: str, steps: int | None = None, num_slots: int = 2, dtype: str = "fp32",
             budget_bytes: int | None = None) -> dict:
-    from hift_ext import optim as hopt
+    from hift_ext import hift_optim, optim as hopt
 
     model = build_model(cfg, device, dtype=DTYPES[dtype], attn=attn)
     if gc_on:
@@ -212,7 +212,7 @@ def measure(cfg_name: str, cfg: dict, mode: str, device: torch.device, *, batch:
         n_steps = steps or 2
     else:
         kw = {"offload_slots": num_slots, "offload_device_bytes": budget_bytes} if mode == "hift_offload" else {}
-        opt = hopt.FusedHiFTAdamW(model, lr=1e-5, group_size=1, offload=(mode == "hift_offload"), **kw)
+        opt = hift_optim.FusedHiFTAdamW(model, lr=1e-5, group_size=1, offload=(mode == "hift_offload"), **kw)
         n_steps = steps or (opt.num_groups + 1)  # a full cycle (+1: every group's state exists)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=gen).to(device)

@@ -115,7 +115,7 @@ def run_one(name: str, device, *, batch: int, seq: int, cycles: int, num_slots: 
     """Two copies of the model (same weights), one optimizer each; whole cycles alternate between
     them (resident, offload, resident, ...), so machine drift hits both the same way. At least
     ``cycles`` timed cycles per mode, more when needed for ``min_steps`` timed steps."""
-    from hift_ext.optim import FusedHiFTAdamW as HiFT
+    from hift_ext.hift_optim import FusedHiFTAdamW as HiFT
 
     cfg = CONFIGS[name]
     ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)

@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hift_ext.optim import FusedAdamW, FusedHiFTAdamW  # noqa: E402
+from hift_ext.hift_optim import FusedHiFTAdamW  # noqa: E402
+from hift_ext.optim import FusedAdamW  # noqa: E402
 
 from benchmarks import _common  # noqa: E402  (device name/tag, git commit)
 

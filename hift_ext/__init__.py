@@ -8,14 +8,8 @@ from hift_ext.distributed import HiFTDistributedError
 from hift_ext.grouping import Group, Unit, describe_groups, group_model, groups_from_params, model_units
 from hift_ext.lr import DelayedLRScheduler, get_scheduler
 from hift_ext.offload import OffloadEngine
-from hift_ext.optim import (
-    FusedAdaGrad,
-    FusedAdamW,
-    FusedHiFTAdaGrad,
-    FusedHiFTAdamW,
-    FusedHiFTSGD,
-    FusedSGD,
-)
+from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+from hift_ext.optim import FusedAdaGrad, FusedAdamW, FusedSGD
 from hift_ext.schedule import GroupSchedule
 
 __version__ = "0.1.0"

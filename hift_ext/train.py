@@ -316,7 +316,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     if cfg.full:
         cls = {"adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[cfg.optimizer]
         return cls([p for p in model.parameters() if p.requires_grad], **kw)
-    from hift_ext import optim as hift_optim
+    from hift_ext import hift_optim
 
     cls = {"adamw": hift_optim.FusedHiFTAdamW, "adagrad": hift_optim.FusedHiFTAdaGrad,
            "sgd": hift_optim.FusedHiFTSGD}[cfg.optimizer]

@@ -30,7 +30,7 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 def _hift_available():
     try:
         from hift_ext._ext import has_extension
-        import hift_ext.optim  # noqa: F401
+        import hift_ext.hift_optim  # noqa: F401
 
         return has_extension()
     except Exception:  # noqa: BLE001

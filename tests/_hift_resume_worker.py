@@ -14,7 +14,7 @@ import sys
 import torch
 
 from _optim_testutil import MLP, batch, loss_fn
-from hift_ext.optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
 
 KINDS = {
     "adamw": (FusedHiFTAdamW, {"lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}),

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from hift_ext.optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
 
 KINDS = {
     "adamw": (FusedHiFTAdamW, {"lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}),

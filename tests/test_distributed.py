@@ -103,7 +103,7 @@ def test_no_sync_and_accumulation_steps(tmp_path):
         assert "optimizer.no_sync()" in r[i]["twice"], r[i]["twice"]
     _equal(r[0]["after_twice"], r[1]["after_twice"], "after the refused backward:")
     # one process, the whole global batch at once
-    from hift_ext.optim import FusedHiFTAdamW
+    from hift_ext.hift_optim import FusedHiFTAdamW
 
     model = MLP(seed=0)
     opt = FusedHiFTAdamW(model.groups(), lr=1e-2, strategy="random", seed=3)
@@ -180,7 +180,7 @@ def test_a_rank_raising_mid_step_stops_the_others_with_a_clear_error(tmp_path, p
 def test_one_process_is_untouched_and_the_api_is_a_no_op():
     """Without torch.distributed: no hooks, no communication; no_sync/sync_grads do nothing and
     clip_grad_norm_ is torch's on the active group (bit for bit)."""
-    from hift_ext.optim import FusedHiFTAdamW
+    from hift_ext.hift_optim import FusedHiFTAdamW
 
     a, b = MLP(seed=0), MLP(seed=0)
     oa = FusedHiFTAdamW(a.groups(), lr=1e-2, shard_state=True, accumulation_steps=2, comm_timeout=5)
@@ -213,7 +213,7 @@ def test_one_process_is_untouched_and_the_api_is_a_no_op():
     ({"process_group": object()}, ValueError, "torch.distributed is not initialized"),
 ])
 def test_bad_data_parallel_arguments(kw, exc, words):
-    from hift_ext.optim import FusedHiFTSGD
+    from hift_ext.hift_optim import FusedHiFTSGD
 
     model = MLP(seed=0)
     with pytest.raises(exc, match=words):

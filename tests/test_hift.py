@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from _optim_testutil import MLP, assert_params_equal, batch, loss_fn, needs_kernels
-from hift_ext.optim import (
-    FusedAdaGrad, FusedAdamW, FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD, FusedSGD,
-)
+from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+from hift_ext.optim import FusedAdaGrad, FusedAdamW, FusedSGD
 from hift_ext.schedule import GroupSchedule
 
 pytestmark = needs_kernels

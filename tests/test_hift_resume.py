@@ -12,7 +12,7 @@ import torch
 
 import _hift_resume_worker as worker
 from _optim_testutil import needs_kernels
-from hift_ext.optim import FusedHiFTAdamW, FusedHiFTSGD
+from hift_ext.hift_optim import FusedHiFTAdamW, FusedHiFTSGD
 
 pytestmark = needs_kernels
 

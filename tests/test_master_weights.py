@@ -22,8 +22,8 @@ import torch
 
 import _master_resume_worker as worker
 from _optim_testutil import needs_kernels
-from hift_ext.optim import (FusedAdaGrad, FusedAdamW, FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD,
-                            FusedSGD)
+from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+from hift_ext.optim import FusedAdaGrad, FusedAdamW, FusedSGD
 
 pytestmark = needs_kernels
 ROOT = Path(__file__).resolve().parents[1]

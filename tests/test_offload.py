@@ -290,7 +290,7 @@ def test_cuda_pinned_slots_and_streams():
 
 # ----------------------------------------------------------------------------- optimizer integration
 def _hift_classes():
-    from hift_ext.optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+    from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
 
     return {
         "adamw": (FusedHiFTAdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -678,7 +678,7 @@ def _tiny_llama(seed=0):
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_gradient_checkpointing_trains_the_same(offload):
-    from hift_ext.optim import FusedHiFTAdamW
+    from hift_ext.hift_optim import FusedHiFTAdamW
 
     plain = _tiny_llama()
     ckpt = _tiny_llama()

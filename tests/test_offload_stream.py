@@ -193,7 +193,7 @@ def test_inject_fault_needs_debug():
 
 # ----------------------------------------------------------------------------- the optimizers
 def _hift(name):
-    from hift_ext.optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
+    from hift_ext.hift_optim import FusedHiFTAdaGrad, FusedHiFTAdamW, FusedHiFTSGD
 
     return {
         "adamw": (FusedHiFTAdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -370,7 +370,7 @@ def test_offloaded_mixed_dtype_state_saves_and_deepcopies():
     """State of bf16 (with fp32 masters) and fp32 parameters in one offloaded group: torch.save
     writes it (each tensor has its own storage), and a deep copy of the optimizer trains on like
     the original."""
-    from hift_ext.optim import FusedHiFTSGD
+    from hift_ext.hift_optim import FusedHiFTSGD
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 4))

@@ -66,7 +66,7 @@ OPTIMIZERS = ("adamw", "adagrad", "sgd")
 
 
 def _optimizer_class(name: str):
-    from hift_ext import optim
+    from hift_ext import hift_optim as optim
 
     try:
         return {"adamw": optim.FusedHiFTAdamW, "adagrad": optim.FusedHiFTAdaGrad,
