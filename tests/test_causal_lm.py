@@ -160,6 +160,44 @@ def test_response_only_logits_give_the_models_loss_and_gradients(tok):
     assert first_target_position(no_target["labels"]) is None
 
 
+def test_the_head_takes_a_contiguous_slice_of_the_hidden_states(tok):
+    """logits_to_keep hands the head a non-contiguous slice; with the head frozen (a HiFT step on
+    another group) torch.matmul would then run a batched product that copies the weight per row.
+    response_loss makes the head's input contiguous through one pre-hook (installed once, kept by a
+    deep copy), and the loss and the trainable parameters' gradients stay the model's own."""
+    import copy
+
+    from _causal_testutil import make_tiny_llama
+
+    from hift_ext.tasks.causal_lm import contiguous_head_input, first_target_position, response_loss
+
+    ex = ChatExamples("x", [ChatExample(1, "19\n#### 19", prompt="What is 12 + 7? Think it through step by step."),
+                            ChatExample(2, "A longer answer here.\n#### 3", prompt="Hi, add 1 and 2.")])
+    batch = encode_chat(tok, ex, max_length=128).collate([0, 1])
+    first = first_target_position(batch["labels"])
+    model = make_tiny_llama(len(tok))
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)  # the head's group is inactive
+    ref = model(**batch).loss
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad(ref, trainable)
+    seen = []
+    loss = None
+    for _ in range(2):
+        loss = response_loss(model, batch, first)
+        if not seen:  # registered after response_loss's own hook, so it sees what the head gets
+            head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    assert seen == [True]
+    assert len(head._forward_pre_hooks) == 2  # response_loss's hook once, and the spy
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, trainable), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    twin = copy.deepcopy(model)
+    contiguous_head_input(twin)
+    assert len(twin.get_output_embeddings()._forward_pre_hooks) == 2
+    contiguous_head_input(torch.nn.Linear(2, 2))  # no output embeddings: nothing to do
+
+
 def test_greedy_generation_does_not_depend_on_the_batch(tok):
     """Prompts of different lengths, left-padded in one batch, generate what each generates alone
     (the CPU batches 32 prompts: generation_batch_size)."""

@@ -299,6 +299,7 @@ def test_response_logits_collator_trains_the_same_weights_with_logits_cut_to_the
     plain = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)
     model = make_tiny_llama(len(tok))
     cut = ResponseLogitsCollator(plain, model)
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1  # the head takes a contiguous slice
     full_batch, cut_batch = plain(feats[:4]), cut(feats[:4])
     keep = cut_batch["logits_to_keep"]
     length = full_batch["labels"].shape[1]

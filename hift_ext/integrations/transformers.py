@@ -225,16 +225,20 @@ class ResponseLogitsCollator:
     returns are cut alike.
 
     ``model``: the model Trainer trains; its ``forward`` must take ``logits_to_keep`` (transformers'
-    causal LMs such as LLaMA, Mistral, Qwen2 do)."""
+    causal LMs such as LLaMA, Mistral, Qwen2 do). Its output head gets a forward pre-hook that makes
+    the head's input (the kept slice of the hidden states) contiguous
+    (:func:`hift_ext.tasks.causal_lm.contiguous_head_input`: with the head frozen, as in most HiFT
+    steps, the slice would otherwise cost a batched matrix product)."""
 
     def __init__(self, collator, model: torch.nn.Module):
-        from hift_ext.tasks.causal_lm import _takes_logits_to_keep
+        from hift_ext.tasks.causal_lm import _takes_logits_to_keep, contiguous_head_input
 
         if not callable(collator):
             raise TypeError(f"ResponseLogitsCollator wraps a data collator (a callable), got {type(collator).__name__}")
         if not _takes_logits_to_keep(model):
             raise ValueError(f"{type(model).__name__}.forward takes no logits_to_keep argument, so its logits "
                              "cannot be cut to the response: use the data collator without ResponseLogitsCollator")
+        contiguous_head_input(model)
         self.collator = collator
 
     def __call__(self, features):

@@ -28,7 +28,8 @@ from hift_ext.model_source import CAUSAL_LM, ModelSource, default_model, resolve
 from hift_ext.tasks.base import Built, Task
 from hift_ext.tasks.common import check_token_ids, quiet_transformers
 
-__all__ = ["CausalLMTask", "shipped_gsm8k", "load_causal_lm", "load_tokenizer", "eval_loss", "response_loss"]
+__all__ = ["CausalLMTask", "shipped_gsm8k", "load_causal_lm", "load_tokenizer", "eval_loss", "response_loss",
+           "contiguous_head_input"]
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -119,6 +120,27 @@ def first_target_position(labels: torch.Tensor) -> Optional[int]:
     return int(hits[0]) if len(hits) else None
 
 
+def _contiguous_input(module, args):
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(),) + tuple(args[1:])
+    return None
+
+
+def contiguous_head_input(model) -> None:
+    """Make the output head (``model.get_output_embeddings()``) take a contiguous input, with a
+    forward pre-hook installed once. ``logits_to_keep`` hands the head a slice of the hidden states,
+    which is not contiguous. With a frozen head weight (a HiFT step on any group but the head's;
+    evaluation) ``torch.matmul`` then does not fold the batch into one matrix product but takes a
+    batched product that copies the weight for every row of the batch: on a CPU the head's forward
+    and input gradient took twice as long (SmolLM2: a 49k x 576 head). A trainable head weight makes
+    matmul copy the slice itself, so the hook costs nothing there. Models without output embeddings
+    are left alone."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, torch.nn.Module) and _contiguous_input not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_input)
+
+
 def response_loss(model, batch: Dict[str, torch.Tensor], first: Optional[int] = None) -> torch.Tensor:
     """The model's causal-LM loss (mean cross-entropy over the tokens whose label is not -100, logits
     in fp32), with the vocabulary logits computed only from position ``first`` on: the prompt before
@@ -126,12 +148,14 @@ def response_loss(model, batch: Dict[str, torch.Tensor], first: Optional[int] = 
     SmolLM2's 135M weights) and the cross-entropy over a 49k vocabulary run on about half the tokens
     of a GSM8K batch, forward and backward, and the logits held for the backward shrink alike.
     ``first``: :func:`first_target_position` of the labels (pass it from CPU labels to spare a device
-    synchronization). Models whose forward has no ``logits_to_keep`` fall back to their own loss."""
+    synchronization). Models whose forward has no ``logits_to_keep`` fall back to their own loss; the
+    others get :func:`contiguous_head_input`'s hook (once)."""
     labels = batch["labels"]
     if first is None:
         first = first_target_position(labels)
     if first is None or first == 0 or not _takes_logits_to_keep(model):
         return model(**batch).loss
+    contiguous_head_input(model)
     length = labels.shape[1]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     # logits_to_keep=k: the last k positions, first .. length-1; the last one predicts nothing
