@@ -66,11 +66,11 @@ OPTIMIZERS = ("adamw", "adagrad", "sgd")
 
 
 def _optimizer_class(name: str):
-    from hift_ext import hift_optim as optim
+    from hift_ext import hift_optim
 
     try:
-        return {"adamw": optim.FusedHiFTAdamW, "adagrad": optim.FusedHiFTAdaGrad,
-                "sgd": optim.FusedHiFTSGD}[name]
+        return {"adamw": hift_optim.FusedHiFTAdamW, "adagrad": hift_optim.FusedHiFTAdaGrad,
+                "sgd": hift_optim.FusedHiFTSGD}[name]
     except KeyError:
         raise ValueError(f"unknown HiFT optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
 

@@ -129,8 +129,8 @@ def _contiguous_input(module, args):
 def contiguous_head_input(model) -> None:
     """Make the output head (``model.get_output_embeddings()``) take a contiguous input, with a
     forward pre-hook installed once. ``logits_to_keep`` hands the head a slice of the hidden states,
-    which is not contiguous. With a frozen head weight (a HiFT step on any group but the head's;
-    evaluation) ``torch.matmul`` then does not fold the batch into one matrix product but takes a
+    which is not contiguous. With the head's weight frozen (a HiFT step on any group but the head's,
+    and evaluation while it is frozen) ``torch.matmul`` then does not fold the batch into one matrix product but takes a
     batched product that copies the weight for every row of the batch: on a CPU the head's forward
     and input gradient took twice as long (SmolLM2: a 49k x 576 head). A trainable head weight makes
     matmul copy the slice itself, so the hook costs nothing there. Models without output embeddings
