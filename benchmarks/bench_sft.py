@@ -397,12 +397,38 @@ def _untrained_reference(result: dict, hift=None):
     return next(iter(same), next((r for r in base if r["name"] == "untrained"), base[0] if base else None))
 
 
-def compare(result: dict) -> dict:
-    runs = {r["name"]: r for r in result.get("runs", [])}
-    ref = result.get("hift_reference", "hift-adamw")  # the setting chosen as the default (maybe a sweep run)
-    hift = runs.get(ref) or {r["name"]: r for r in result.get("sweep", [])}.get(ref)
-    if not hift:
-        return {}
+def _timing(r: dict, ignore=()) -> tuple:
+    """What a step of run ``r`` costs depends on (_common.STEP_COST_KEYS; a speed run's settings are
+    HiFT's, with full=False)."""
+    from _common import STEP_COST_KEYS
+
+    st = dict(r.get("settings") or {})
+    st["steps_per_group"] = st.get("steps_per_group") or 1  # records from before K existed
+    return tuple(st.get(k) for k in STEP_COST_KEYS if k not in ignore)
+
+
+def _speed_run_of(result: dict, hift: dict):
+    """The side-by-side speed run that times ``hift``'s steps: the newest of its setting (a later one
+    measures the code as it is now), a main run's before a sweep's (a speed run filed with --sweep is a
+    side measurement, e.g. full_masters=1, three models in the rotation). Failing one of its own K, one
+    of another K: over whole cycles every group takes the same share of the steps whatever K is, so K
+    changes which batches fall on which group, not what a step costs. A record marked
+    ``code_changed_since`` (the commit that changed what it timed: an A/B of the code before a fix) is
+    history, not the setting's speed."""
+    for ignore in ((), ("steps_per_group",)):
+        for key in ("runs", "sweep"):
+            same = [r for r in result.get(key, []) if r.get("mode") == "speed" and not r.get("code_changed_since")
+                    and _timing(r, ignore) == _timing(hift, ignore)]
+            if same:
+                return max(same, key=lambda r: r.get("finished_at") or "")
+    return None
+
+
+def assess(result: dict, hift: dict) -> dict:
+    """HiFT run ``hift`` against full fine-tuning in its precision on every target of issue 15: dev
+    loss at equal epochs (only where both ran the same steps: a max_steps run's schedule differs), at
+    equal time on its own clock and on the side-by-side one, tokens/s, exact match over the untrained
+    model. {} without a full fine-tuning run to hold it against."""
     base = _untrained_reference(result, hift)
     full = _full_reference(result, hift)
     if not full:
@@ -410,14 +436,15 @@ def compare(result: dict) -> dict:
     fh, hh = _epoch_ends(full["eval_history"]), _epoch_ends(hift["eval_history"])
     per_epoch = [{"epoch": a["epoch"], "full_loss": a["eval_loss"], "hift_loss": b["eval_loss"],
                   "gap_pct": 100 * (b["eval_loss"] - a["eval_loss"]) / a["eval_loss"]} for a, b in zip(fh, hh)]
+    same_schedule = hift.get("steps") == full.get("steps") and bool(per_epoch)
     start = base["eval_loss"] if base else None
     full_at = loss_at_time(full, hift["train_time_s"], start)
     c = {
         "hift_run": hift["name"],
         "full_run": full["name"],
         "dev_loss_per_epoch": per_epoch,
-        "equal_epochs_gap_pct": per_epoch[-1]["gap_pct"],
-        "equal_epochs_target_met": per_epoch[-1]["gap_pct"] <= TARGET_LOSS_GAP_PCT,
+        "equal_epochs_gap_pct": per_epoch[-1]["gap_pct"] if same_schedule else None,
+        "equal_epochs_target_met": per_epoch[-1]["gap_pct"] <= TARGET_LOSS_GAP_PCT if same_schedule else None,
         "full_loss_at_hift_time": full_at,
         "hift_train_time_s": hift["train_time_s"],
         "full_train_time_s": full["train_time_s"],
@@ -425,22 +452,7 @@ def compare(result: dict) -> dict:
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
-    # the side-by-side run that takes the HiFT run's steps (same _common.STEP_COST_KEYS; a speed run's
-    # settings are HiFT's, with full=False)
-    from _common import STEP_COST_KEYS
-
-    def timing(r):
-        st = dict(r.get("settings") or {})
-        st["steps_per_group"] = st.get("steps_per_group") or 1  # records from before K existed
-        return tuple(st.get(k) for k in STEP_COST_KEYS)
-
-    def newest(records):  # a later speed run of the same setting measures the code as it is now
-        same = [r for r in records if r.get("mode") == "speed" and timing(r) == timing(hift)]
-        return max(same, key=lambda r: r.get("finished_at") or "", default=None)
-
-    # a speed run filed with --sweep is a side measurement (e.g. full_masters=1, three models in the
-    # rotation): the main runs' one, when there is one
-    speed = newest(result.get("runs", [])) or newest(result.get("sweep", []))
+    speed = _speed_run_of(result, hift)
     if speed:  # the fair ratio: both measured side by side in one process
         c["speed_run"] = speed["name"]
         c["speedup_side_by_side"] = speed["speedup"]
@@ -452,6 +464,9 @@ def compare(result: dict) -> dict:
         full_fair = {"eval_history": [{"elapsed_s": _progress(e, full) * sb, "eval_loss": e["eval_loss"]}
                                       for e in joined]}
         hift_end = hift["epochs"]  # fractional for a max_steps run (its last evaluation's "epoch" is rounded up)
+        # HiFT's whole run against full FT's on that clock: above 1, full FT's curve ends first and the
+        # comparison takes its end (the same time budget: full FT could not go further in that time)
+        c["hift_time_over_full_time_side_by_side"] = hift_end / (full["epochs"] * sb)
         c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
         c["equal_time_target_met_side_by_side"] = hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
         # the whole curve: at each HiFT evaluation, full FT's loss after the same time (finer with --eval-steps)
@@ -470,6 +485,69 @@ def compare(result: dict) -> dict:
         c["exact_match_target_met"] = (full.get("exact_match") or 0) > base["exact_match"] and \
             (hift.get("exact_match") or 0) > base["exact_match"]
     return c
+
+
+def compare(result: dict) -> dict:
+    """``assess`` of the reference HiFT run (the setting chosen as the default, maybe a sweep run)."""
+    ref = result.get("hift_reference", "hift-adamw")
+    hift = {r["name"]: r for r in result.get("runs", [])}.get(ref) or \
+        {r["name"]: r for r in result.get("sweep", [])}.get(ref)
+    return assess(result, hift) if hift else {}
+
+
+def frontier(result: dict) -> list:
+    """``assess`` of every finished HiFT run in the file (main runs and sweep), one row each: where each
+    setting stands on each target."""
+    rows = []
+    for r in result.get("runs", []) + result.get("sweep", []):
+        if r.get("mode") != "hift" or (r.get("settings") or {}).get("stop_after"):
+            continue
+        c = assess(result, r)
+        if not c:
+            continue
+        eq_time = c.get("full_loss_at_hift_time_side_by_side")
+        rows.append({
+            "run": r["name"], "groups": _groups(r), "steps_per_group": (r.get("settings") or {}).get("steps_per_group"),
+            "lr": r.get("lr"), "steps": r.get("steps"), "eval_loss": r["eval_loss"],
+            "equal_epochs_gap_pct": c["equal_epochs_gap_pct"], "equal_epochs_target_met": c["equal_epochs_target_met"],
+            "speed_run": c.get("speed_run"), "speedup_side_by_side": c.get("speedup_side_by_side"),
+            "speedup_target_met": c.get("speedup_target_met") if c.get("speed_run") else None,
+            "hift_time_over_full_time": c.get("hift_time_over_full_time_side_by_side"),
+            "full_loss_same_time": eq_time,
+            "equal_time_gap_pct": 100 * (r["eval_loss"] - eq_time) / eq_time if eq_time else None,
+            "equal_time_target_met": c.get("equal_time_target_met_side_by_side"),
+            "exact_match_correct": r.get("exact_match_correct"), "exact_match_examples": r.get("exact_match_examples"),
+            "exact_match_untrained": c.get("exact_match_untrained"),
+            "exact_match_target_met": c.get("exact_match_target_met") if r.get("exact_match") is not None else None,
+        })
+    return rows
+
+
+def fmt_frontier(rows: list) -> str:
+    """``frontier`` as a table: each HiFT setting on each target (yes / no, '?' where unmeasured)."""
+    def met(v):
+        return "?" if v is None else "yes" if v else "no"
+
+    def pct(v):
+        return "-" if v is None else f"{v:+.2f}%"
+
+    out = [("HiFT run", "groups", "K", "loss", "equal epochs", "speed (side by side)", "equal time (its time/full's)",
+            "exact match", "all met")]
+    for f in rows:
+        sp = "-" if f["speedup_side_by_side"] is None else \
+            f"{f['speedup_side_by_side']:.2f}x {met(f['speedup_target_met'])}"
+        tm = "-" if f["equal_time_gap_pct"] is None else \
+            f"{pct(f['equal_time_gap_pct'])} ({f['hift_time_over_full_time']:.2f}) {met(f['equal_time_target_met'])}"
+        em = "-" if f["exact_match_correct"] is None else \
+            f"{f['exact_match_correct']}/{f['exact_match_examples']} {met(f['exact_match_target_met'])}"
+        flags = [f["equal_epochs_target_met"], f["speedup_target_met"], f["equal_time_target_met"],
+                 f["exact_match_target_met"]]
+        allmet = "no" if any(v is False for v in flags) else "yes" if all(v for v in flags) else "?"
+        out.append((f["run"], f["groups"], str(f["steps_per_group"] or "-"), f"{f['eval_loss']:.4f}",
+                    f"{pct(f['equal_epochs_gap_pct'])} {met(f['equal_epochs_target_met'])}", sp, tm, em, allmet))
+    from _common import align_rows
+
+    return align_rows(out)
 
 
 def _groups(r: dict) -> str:
@@ -596,6 +674,7 @@ def _save(out: str, png: str, key: str, rec: dict) -> dict:
                 result.update(json.load(fh))
         result[key] = [r for r in result[key] if r["name"] != rec["name"]] + [rec]
         result["comparison"] = compare(result)
+        result["frontier"] = frontier(result)
         tmp = out + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -652,10 +731,12 @@ def main(argv=None) -> int:
         if args.reference:
             result["hift_reference"] = args.reference
             result["comparison"] = compare(result)
+            result["frontier"] = frontier(result)
             with open(out, "w") as fh:
                 json.dump(result, fh, indent=2)
         plot(result, png)
         print(fmt_table(result))
+        print(fmt_frontier(frontier(result)))
         return 0
     common = dict(max_train_examples=args.train_examples, max_eval_examples=args.dev_examples,
                   eval_generate=args.generate, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
@@ -743,6 +824,7 @@ def main(argv=None) -> int:
     with open(out) as fh:
         result = json.load(fh)
     print(fmt_table(result))
+    print(fmt_frontier(frontier(result)))
     if result.get("comparison"):
         print(json.dumps(result["comparison"], indent=2))
     print(f"wrote {out} and {png}")

@@ -269,3 +269,45 @@ def test_sft_exact_match_is_measured_against_the_untrained_model_in_the_runs_pre
     assert c["exact_match_target_met"] is False  # HiFT's 3% is above fp32's 2%, not above bf16's 4%
     c = bench_sft.compare(dict(result, runs=[fp32] + trained))
     assert c["untrained_run"] == "untrained" and c["exact_match_target_met"] is True
+
+
+def test_sft_frontier_assesses_every_hift_run_on_every_target():
+    """One row per finished HiFT run: equal epochs only where the schedules match (a max_steps run's
+    differs), the speed of its setting (another K's where its own K was not timed, never a record of
+    code since changed), equal time on that clock (full FT's end where HiFT runs longer), exact match."""
+    def run(name, mode, losses, *, steps=20, epochs=2, k=4, group_size=16, em=None, **extra):
+        st = {"max_train_examples": 40, "batch_size": 4, "max_length": 448, "full": mode == "full",
+              "optimizer": "adamw", "group_size": group_size, "strategy": "up2down", "steps_per_group": k, **extra}
+        spe = 10
+        hist = [{"epoch": i + 1, "step": min((i + 1) * spe, steps), "trigger": "epoch", "eval_loss": v,
+                 "elapsed_s": 60.0 * (i + 1)} for i, v in enumerate(losses)]
+        r = {"name": name, "mode": mode, "settings": st, "eval_history": hist, "eval_loss": losses[-1],
+             "epochs": epochs, "steps": steps, "train_time_s": 60.0 * epochs, "train_tokens_per_s": 1.0,
+             "num_groups": 2, "group_size": group_size, "lr": 1e-4, "strategy": "up2down"}
+        if em is not None:
+            r.update(exact_match=em / 100, exact_match_correct=em, exact_match_examples=100)
+        return r
+
+    untrained = {"name": "untrained", "mode": "untrained", "settings": {}, "eval_loss": 1.5, "exact_match": 0.04}
+    full = run("full-adamw", "full", [1.0, 0.9], em=6)
+    k2 = run("hift-adamw:steps_per_group=2", "hift", [1.01, 0.909], k=2, em=5)
+    budget = run("hift-adamw:steps_per_group=2,max_steps=30", "hift", [1.02, 0.95, 0.899], k=2, steps=30,
+                 epochs=3, max_steps=30)
+    speed = dict(run("speed", "speed", [1.0], k=4), speedup=1.5, finished_at="2026-12-07T08:00:00")
+    old = dict(run("speed:old", "speed", [1.0], k=4), speedup=1.2, finished_at="2026-12-07T09:00:00",
+               code_changed_since="abc1234")
+    rows = bench_sft.frontier({"runs": [untrained, full, k2, speed, old], "sweep": [budget]})
+    assert [r["run"] for r in rows] == [k2["name"], budget["name"]]
+    a, b = rows
+    assert a["equal_epochs_gap_pct"] == pytest.approx(1.0) and a["equal_epochs_target_met"] is True
+    assert a["speed_run"] == "speed" and a["speedup_side_by_side"] == 1.5  # K = 4's timing, not the stale 1.2x
+    # 2 HiFT epochs at 1.5x take the time of 4/3 of full FT's: between its epochs, 1.0 - 0.1/3
+    assert a["hift_time_over_full_time"] == pytest.approx(2 / 3)
+    assert a["full_loss_same_time"] == pytest.approx(1.0 - 0.1 / 3)
+    assert a["equal_time_target_met"] is True and a["exact_match_target_met"] is True
+    assert b["equal_epochs_gap_pct"] is None and b["equal_epochs_target_met"] is None  # 30 steps against 20
+    assert b["hift_time_over_full_time"] == pytest.approx(1.0)  # 3 HiFT epochs = full FT's 2 at 1.5x
+    assert b["full_loss_same_time"] == pytest.approx(0.9) and b["equal_time_target_met"] is True
+    assert b["exact_match_target_met"] is None  # it did not generate
+    table = bench_sft.fmt_frontier(rows)
+    assert "+1.00% yes" in table and "1.50x yes" in table and "5/100 yes" in table
