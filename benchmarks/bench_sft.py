@@ -360,14 +360,27 @@ def _epoch_ends(history: list) -> list:
 RUN_CONTROL_KEYS = ("stop_after", "eval_steps", "threads", "eval_generate", "max_new_tokens")
 
 
-def _joined_history(result: dict, run: dict) -> list:
-    """``run``'s evaluations and those of every run with its settings up to RUN_CONTROL_KEYS, one per
-    step (by step; ``run``'s own first), in step order."""
+def _same_curve(result: dict, run: dict) -> list:
+    """The other runs of the file with ``run``'s settings up to RUN_CONTROL_KEYS (the same training)."""
     def key(r):
         return {k: v for k, v in (r.get("settings") or {}).items() if k not in RUN_CONTROL_KEYS}
 
-    same = [r for r in result.get("runs", []) + result.get("sweep", [])
+    return [r for r in result.get("runs", []) + result.get("sweep", [])
             if r is not run and r.get("mode") == run.get("mode") and r.get("eval_history") and key(r) == key(run)]
+
+
+def _exact_match(result: dict, run: dict):
+    """``run``'s exact match, or that of a run of the same training that generated (a re-run with
+    --generate scores the same model)."""
+    if run.get("exact_match") is not None:
+        return run["exact_match"]
+    return next((r["exact_match"] for r in _same_curve(result, run) if r.get("exact_match") is not None), None)
+
+
+def _joined_history(result: dict, run: dict) -> list:
+    """``run``'s evaluations and those of every run with its settings up to RUN_CONTROL_KEYS, one per
+    step (by step; ``run``'s own first), in step order."""
+    same = _same_curve(result, run)
     by_step = {}
     for r in [run] + same:
         for e in r["eval_history"]:
@@ -480,10 +493,10 @@ def assess(result: dict, hift: dict) -> dict:
     if base and base.get("exact_match") is not None:  # (a run with --generate 0 scores no answers)
         c["exact_match_untrained"] = base["exact_match"]
         c["untrained_run"] = base["name"]
-        c["exact_match_full"] = full.get("exact_match")
-        c["exact_match_hift"] = hift.get("exact_match")
-        c["exact_match_target_met"] = (full.get("exact_match") or 0) > base["exact_match"] and \
-            (hift.get("exact_match") or 0) > base["exact_match"]
+        c["exact_match_full"] = _exact_match(result, full)
+        c["exact_match_hift"] = _exact_match(result, hift)
+        c["exact_match_target_met"] = (c["exact_match_full"] or 0) > base["exact_match"] and \
+            (c["exact_match_hift"] or 0) > base["exact_match"]
     return c
 
 
@@ -506,6 +519,7 @@ def frontier(result: dict) -> list:
         if not c:
             continue
         eq_time = c.get("full_loss_at_hift_time_side_by_side")
+        gen = next((x for x in [r] + _same_curve(result, r) if x.get("exact_match") is not None), {})
         rows.append({
             "run": r["name"], "groups": _groups(r), "steps_per_group": (r.get("settings") or {}).get("steps_per_group"),
             "lr": r.get("lr"), "steps": r.get("steps"), "eval_loss": r["eval_loss"],
@@ -516,9 +530,9 @@ def frontier(result: dict) -> list:
             "full_loss_same_time": eq_time,
             "equal_time_gap_pct": 100 * (r["eval_loss"] - eq_time) / eq_time if eq_time else None,
             "equal_time_target_met": c.get("equal_time_target_met_side_by_side"),
-            "exact_match_correct": r.get("exact_match_correct"), "exact_match_examples": r.get("exact_match_examples"),
+            "exact_match_correct": gen.get("exact_match_correct"), "exact_match_examples": gen.get("exact_match_examples"),
             "exact_match_untrained": c.get("exact_match_untrained"),
-            "exact_match_target_met": c.get("exact_match_target_met") if r.get("exact_match") is not None else None,
+            "exact_match_target_met": c.get("exact_match_target_met") if gen else None,
         })
     return rows
 
@@ -587,6 +601,13 @@ def fmt_table(result: dict) -> str:
     return align_rows(rows)
 
 
+def _label(name: str, width: int = 34) -> str:
+    """A config name wrapped at its commas, so that long sweep names fit beside the plots."""
+    import textwrap
+
+    return textwrap.fill(name.replace(",", ", "), width, break_long_words=False)
+
+
 def plot(result: dict, png: str) -> None:
     from _common import pyplot
 
@@ -599,13 +620,13 @@ def plot(result: dict, png: str) -> None:
         return
     hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
     base = _untrained_reference(result, hift)
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(17, 5), gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 7), gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
     start = base["eval_loss"] if base else None
     for r in runs + sweep:
         pts = ([(0.0, start)] if start is not None else []) + \
             [(e["elapsed_s"], e["eval_loss"]) for e in r.get("eval_history") or []]
         style = dict(color="black", lw=2) if r["mode"] == "full" else {}
-        a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=r["name"],
+        a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=_label(r["name"]),
                 alpha=1.0 if r in runs else 0.5, **style)
     full = _full_reference(result, hift) if hift else next((r for r in runs if r["name"] == "full-adamw"), None)
     sb = (result.get("comparison") or {}).get("speedup_side_by_side")  # the speed run of the reference's setting
@@ -618,12 +639,12 @@ def plot(result: dict, png: str) -> None:
     a1.set_xlabel("training wall-clock time (min), each run's own clock on a shared machine")
     a1.set_ylabel("dev loss (response tokens)")
     a1.set_title("dev loss vs training time (each epoch; with --eval-steps every N steps)")
-    a1.legend(fontsize=7, loc="upper right")
+    a1.legend(fontsize=6, loc="upper right")
     gen = [r for r in runs + sweep if r.get("exact_match") is not None]  # runs that generated
     scored = base if base and base.get("exact_match") is not None else None  # (--generate 0: no bar)
     names = ([scored["name"]] if scored else []) + [r["name"] for r in gen]
     ems = ([scored["exact_match"]] if scored else []) + [r["exact_match"] for r in gen]
-    bars = a2.bar(names, [100 * e for e in ems], color=["tab:gray"] + ["tab:blue"] * len(gen) if scored else None)
+    bars = a2.bar([_label(n, 18) for n in names], [100 * e for e in ems], color=["tab:gray"] + ["tab:blue"] * len(gen) if scored else None)
     a2.set_ylim(0, max(100 * max(ems + [0.0]) * 1.3, 5))
     for b, r in zip(bars, ([scored] if scored else []) + gen):
         a2.text(b.get_x() + b.get_width() / 2, b.get_height() + 0.2,
@@ -633,12 +654,12 @@ def plot(result: dict, png: str) -> None:
         a2.text(0.5, 0.5, "no generation in these runs (--generate 0)", ha="center", transform=a2.transAxes)
     a2.set_ylabel("exact match on the dev subset (%)")
     a2.set_title("final-answer exact match (greedy)")
-    a2.tick_params(axis="x", labelsize=7, rotation=20)
+    a2.tick_params(axis="x", labelsize=6, rotation=0)
     finished = [r for r in runs + sweep if r["mode"] == "hift" and not (r.get("settings") or {}).get("stop_after")]
     allr = sorted(finished, key=lambda r: -r["eval_loss"])  # (a run stopped early has no final loss to rank)
     if allr:  # (none yet while only the untrained and full runs have finished)
         a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
-        a3.set_yticks(range(len(allr)), [r["name"] for r in allr], fontsize=7)
+        a3.set_yticks(range(len(allr)), [_label(r["name"]) for r in allr], fontsize=6)
         lo = min([r["eval_loss"] for r in allr] + ([full["eval_loss"]] if full else []))
         a3.set_xlim(lo * 0.98, max(r["eval_loss"] for r in allr) * 1.02)
         for i, r in enumerate(allr):

@@ -274,7 +274,8 @@ def test_sft_exact_match_is_measured_against_the_untrained_model_in_the_runs_pre
 def test_sft_frontier_assesses_every_hift_run_on_every_target():
     """One row per finished HiFT run: equal epochs only where the schedules match (a max_steps run's
     differs), the speed of its setting (another K's where its own K was not timed, never a record of
-    code since changed), equal time on that clock (full FT's end where HiFT runs longer), exact match."""
+    code since changed), equal time on that clock (full FT's end where HiFT runs longer), exact match
+    (full FT's from a re-run of the same training that generated)."""
     def run(name, mode, losses, *, steps=20, epochs=2, k=4, group_size=16, em=None, **extra):
         st = {"max_train_examples": 40, "batch_size": 4, "max_length": 448, "full": mode == "full",
               "optimizer": "adamw", "group_size": group_size, "strategy": "up2down", "steps_per_group": k, **extra}
@@ -289,14 +290,15 @@ def test_sft_frontier_assesses_every_hift_run_on_every_target():
         return r
 
     untrained = {"name": "untrained", "mode": "untrained", "settings": {}, "eval_loss": 1.5, "exact_match": 0.04}
-    full = run("full-adamw", "full", [1.0, 0.9], em=6)
+    full = run("full-adamw", "full", [1.0, 0.9])
+    full_gen = run("full-adamw:eval_generate=100", "full", [1.0, 0.9], em=6, eval_generate=100)  # its re-run, scored
     k2 = run("hift-adamw:steps_per_group=2", "hift", [1.01, 0.909], k=2, em=5)
     budget = run("hift-adamw:steps_per_group=2,max_steps=30", "hift", [1.02, 0.95, 0.899], k=2, steps=30,
                  epochs=3, max_steps=30)
     speed = dict(run("speed", "speed", [1.0], k=4), speedup=1.5, finished_at="2026-12-07T08:00:00")
     old = dict(run("speed:old", "speed", [1.0], k=4), speedup=1.2, finished_at="2026-12-07T09:00:00",
                code_changed_since="abc1234")
-    rows = bench_sft.frontier({"runs": [untrained, full, k2, speed, old], "sweep": [budget]})
+    rows = bench_sft.frontier({"runs": [untrained, full, k2, speed, old], "sweep": [budget, full_gen]})
     assert [r["run"] for r in rows] == [k2["name"], budget["name"]]
     a, b = rows
     assert a["equal_epochs_gap_pct"] == pytest.approx(1.0) and a["equal_epochs_target_met"] is True
