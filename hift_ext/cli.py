@@ -406,9 +406,10 @@ def cmd_groups(args) -> int:
 
     try:
         group_size = effective_group_size(model, args.group_size)  # as finetune trains it
+        # (an unequal split whose sizes do not add up to the model's units is refused while grouping)
+        describe_groups(model, group_size=group_size, file=sys.stdout)
     except (ValueError, TypeError) as exc:  # e.g. a model with nothing trainable
         return _fail("groups", str(exc))
-    describe_groups(model, group_size=group_size, file=sys.stdout)
     return 0
 
 

