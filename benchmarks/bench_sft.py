@@ -369,12 +369,10 @@ def _same_curve(result: dict, run: dict) -> list:
             if r is not run and r.get("mode") == run.get("mode") and r.get("eval_history") and key(r) == key(run)]
 
 
-def _exact_match(result: dict, run: dict):
-    """``run``'s exact match, or that of a run of the same training that generated (a re-run with
-    --generate scores the same model)."""
-    if run.get("exact_match") is not None:
-        return run["exact_match"]
-    return next((r["exact_match"] for r in _same_curve(result, run) if r.get("exact_match") is not None), None)
+def _scored_run(result: dict, run: dict) -> dict:
+    """The record holding ``run``'s exact match: ``run`` itself, or a run of the same training that
+    generated (a re-run with --generate scores the same model); {} when none did."""
+    return next((r for r in [run] + _same_curve(result, run) if r.get("exact_match") is not None), {})
 
 
 def _joined_history(result: dict, run: dict) -> list:
@@ -493,8 +491,8 @@ def assess(result: dict, hift: dict) -> dict:
     if base and base.get("exact_match") is not None:  # (a run with --generate 0 scores no answers)
         c["exact_match_untrained"] = base["exact_match"]
         c["untrained_run"] = base["name"]
-        c["exact_match_full"] = _exact_match(result, full)
-        c["exact_match_hift"] = _exact_match(result, hift)
+        c["exact_match_full"] = _scored_run(result, full).get("exact_match")
+        c["exact_match_hift"] = _scored_run(result, hift).get("exact_match")
         c["exact_match_target_met"] = (c["exact_match_full"] or 0) > base["exact_match"] and \
             (c["exact_match_hift"] or 0) > base["exact_match"]
     return c
@@ -519,7 +517,7 @@ def frontier(result: dict) -> list:
         if not c:
             continue
         eq_time = c.get("full_loss_at_hift_time_side_by_side")
-        gen = next((x for x in [r] + _same_curve(result, r) if x.get("exact_match") is not None), {})
+        gen = _scored_run(result, r)
         rows.append({
             "run": r["name"], "groups": _groups(r), "steps_per_group": (r.get("settings") or {}).get("steps_per_group"),
             "lr": r.get("lr"), "steps": r.get("steps"), "eval_loss": r["eval_loss"],
