@@ -242,9 +242,16 @@ def test_length_grouped_batches_are_a_pure_partition(tok):
     order = [int(i) for i in order]
     b = ds.batches(order, 4)
     assert sorted(i for x in b for i in x) == list(range(40)) and b == ds.batches(order, 4)
-    for c in range(0, len(b), 2):  # within a chunk: longest first
-        lens = [len(ds.input_ids[i]) for x in b[c: c + 2] for i in x]
-        assert lens == sorted(lens, reverse=True)
+    length = lambda i: len(ds.input_ids[i])  # noqa: E731
+    for c in range(0, 40, 8):  # each chunk's examples, sorted by length, cut into its 2 batches
+        mine = [x for x in b if set(x) <= set(order[c: c + 8])]
+        by_length = sorted(mine, key=lambda x: -max(map(length, x)))
+        assert len(mine) == 2 and min(map(length, by_length[0])) >= max(map(length, by_length[1]))
+    # the epoch's longest batch first; after that, batches go in the order their first example
+    # was drawn, not longest to shortest (that ended every chunk on its shortest answers)
+    assert max(map(length, b[0])) == max(map(length, order))
+    firsts = [min(order.index(i) for i in x) for x in b[1:]]
+    assert firsts == sorted(firsts)
     pad = sum(max(len(ds.input_ids[i]) for i in x) * len(x) for x in b)
     naive = sum(max(len(ds.input_ids[i]) for i in order[s: s + 4]) * 4 for s in range(0, 40, 4))
     assert pad <= naive
