@@ -674,7 +674,9 @@ def plot(result: dict, png: str) -> None:
     epochs = setup.get("epochs")
     fig.suptitle(f"SmolLM2-135M-Instruct on GSM8K ({setup.get('train_examples')} train examples, "
                  f"{epochs} epoch{'' if epochs == 1 else 's'}), {env.get('device', '?')}, "
-                 f"torch {env.get('torch', '?')}", fontsize=10)
+                 f"torch {env.get('torch', '?')}"
+                 + (f"; batch order {result['batch_order'].split(':')[0]}" if result.get("batch_order") else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -694,12 +696,17 @@ def _save(out: str, png: str, key: str, rec: dict) -> dict:
         result[key] = [r for r in result[key] if r["name"] != rec["name"]] + [rec]
         result["comparison"] = compare(result)
         result["frontier"] = frontier(result)
-        tmp = out + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, out)
+        _write_json(out, result)
     plot(result, png)
     return result
+
+
+def _write_json(out: str, result: dict) -> None:
+    """Write new and rename into place: an interrupted write never leaves a half file."""
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(tmp, out)
 
 
 def main(argv=None) -> int:
@@ -751,8 +758,7 @@ def main(argv=None) -> int:
             result["hift_reference"] = args.reference
             result["comparison"] = compare(result)
             result["frontier"] = frontier(result)
-            with open(out, "w") as fh:
-                json.dump(result, fh, indent=2)
+            _write_json(out, result)
         plot(result, png)
         print(fmt_table(result))
         print(fmt_frontier(frontier(result)))
