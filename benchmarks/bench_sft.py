@@ -703,10 +703,10 @@ def _save(out: str, png: str, key: str, rec: dict) -> dict:
 
 def _write_json(out: str, result: dict) -> None:
     """Write new and rename into place: an interrupted write never leaves a half file."""
-    tmp = out + ".tmp"
-    with open(tmp, "w") as fh:
+    from hift_ext.atomic_io import atomic_file
+
+    with atomic_file(out) as fh:
         json.dump(result, fh, indent=2)
-    os.replace(tmp, out)
 
 
 def main(argv=None) -> int:
@@ -804,9 +804,7 @@ def main(argv=None) -> int:
         result.update(head)
         if args.reference:
             result["hift_reference"] = args.reference
-        with open(out + ".tmp", "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(out + ".tmp", out)
+        _write_json(out, result)
     running = []
     tmpdir = tempfile.mkdtemp(prefix="bench_sft-")
     while todo or running:
