@@ -435,6 +435,20 @@ def _speed_run_of(result: dict, hift: dict):
     return None
 
 
+def full_steps_to_reach(result: dict, full: dict, loss: float, start_loss):
+    """The step at which full fine-tuning's dev loss first falls to ``loss``: linear between its
+    evaluations (the finer curve of a run of the same training where there is one; the untrained model
+    at step 0). None where its curve never gets that low."""
+    from _common import eval_step
+
+    pts = ([(0.0, start_loss)] if start_loss is not None else []) + \
+        [(eval_step(e, full), e["eval_loss"]) for e in _joined_history(result, full)]
+    for (s0, l0), (s1, l1) in zip(pts, pts[1:]):
+        if l1 <= loss < l0:
+            return s0 + (s1 - s0) * (l0 - loss) / (l0 - l1)
+    return pts[0][0] if pts and pts[0][1] <= loss else None
+
+
 def assess(result: dict, hift: dict) -> dict:
     """HiFT run ``hift`` against full fine-tuning in its precision on every target of issue 15: dev
     loss at equal epochs (only where both ran the same steps: a max_steps run's schedule differs), at
@@ -486,6 +500,15 @@ def assess(result: dict, hift: dict) -> dict:
                   "full_loss_same_time": loss_at_time(full_fair, _progress(e, hift), start)}
                  for e in hift["eval_history"]]
         c["equal_time_curve"] = curve
+        # Why HiFT is ahead or behind at equal time: its end is worth `step_worth` of full fine-tuning's
+        # steps each (the full FT step that reaches HiFT's final loss, over HiFT's steps), and a HiFT step
+        # costs 1 / sb of one; even at equal time takes step_worth * sb >= 1. (Full FT's curve at that
+        # step is mid-schedule, not annealed, so this flatters HiFT slightly.)
+        reach = full_steps_to_reach(result, full, hift["eval_loss"], start)
+        if reach is not None and hift.get("steps"):
+            c["full_steps_to_reach_hift_loss"] = reach
+            c["step_worth"] = reach / hift["steps"]
+            c["step_worth_times_speedup"] = c["step_worth"] * sb
         c["equal_time_met_at_any_evaluation"] = any(p["hift_loss"] <= p["full_loss_same_time"] for p in curve)
         c["full_evaluations"] = len(joined)
     if base and base.get("exact_match") is not None:  # (a run with --generate 0 scores no answers)
@@ -528,6 +551,7 @@ def frontier(result: dict) -> list:
             "full_loss_same_time": eq_time,
             "equal_time_gap_pct": 100 * (r["eval_loss"] - eq_time) / eq_time if eq_time else None,
             "equal_time_target_met": c.get("equal_time_target_met_side_by_side"),
+            "step_worth": c.get("step_worth"), "step_worth_times_speedup": c.get("step_worth_times_speedup"),
             "exact_match_correct": gen.get("exact_match_correct"), "exact_match_examples": gen.get("exact_match_examples"),
             "exact_match_untrained": c.get("exact_match_untrained"),
             "exact_match_target_met": c.get("exact_match_target_met") if gen else None,
@@ -544,7 +568,7 @@ def fmt_frontier(rows: list) -> str:
         return "-" if v is None else f"{v:+.2f}%"
 
     out = [("HiFT run", "groups", "K", "loss", "equal epochs", "speed (side by side)", "equal time (its time/full's)",
-            "exact match", "all met")]
+            "step worth (x speed)", "exact match", "all met")]
     for f in rows:
         sp = "-" if f["speedup_side_by_side"] is None else \
             f"{f['speedup_side_by_side']:.2f}x {met(f['speedup_target_met'])}"
@@ -552,11 +576,13 @@ def fmt_frontier(rows: list) -> str:
             f"{pct(f['equal_time_gap_pct'])} ({f['hift_time_over_full_time']:.2f}) {met(f['equal_time_target_met'])}"
         em = "-" if f["exact_match_correct"] is None else \
             f"{f['exact_match_correct']}/{f['exact_match_examples']} {met(f['exact_match_target_met'])}"
+        worth = "-" if f.get("step_worth") is None else \
+            f"{f['step_worth']:.2f} ({f['step_worth_times_speedup']:.2f})"
         flags = [f["equal_epochs_target_met"], f["speedup_target_met"], f["equal_time_target_met"],
                  f["exact_match_target_met"]]
         allmet = "no" if any(v is False for v in flags) else "yes" if all(v for v in flags) else "?"
         out.append((f["run"], f["groups"], str(f["steps_per_group"] or "-"), f"{f['eval_loss']:.4f}",
-                    f"{pct(f['equal_epochs_gap_pct'])} {met(f['equal_epochs_target_met'])}", sp, tm, em, allmet))
+                    f"{pct(f['equal_epochs_gap_pct'])} {met(f['equal_epochs_target_met'])}", sp, tm, worth, em, allmet))
     from _common import align_rows
 
     return align_rows(out)

@@ -311,5 +311,8 @@ def test_sft_frontier_assesses_every_hift_run_on_every_target():
     assert b["hift_time_over_full_time"] == pytest.approx(1.0)  # 3 HiFT epochs = full FT's 2 at 1.5x
     assert b["full_loss_same_time"] == pytest.approx(0.9) and b["equal_time_target_met"] is True
     assert b["exact_match_target_met"] is None  # it did not generate
+    # full FT reaches k2's 0.909 at step 10 + 10 * 0.091 / 0.1: each of k2's 20 steps is worth 0.955 of one
+    assert a["step_worth"] == pytest.approx(19.1 / 20) and a["step_worth_times_speedup"] == pytest.approx(1.5 * 19.1 / 20)
+    assert b["step_worth"] is None  # 0.899 is below full FT's whole curve
     table = bench_sft.fmt_frontier(rows)
-    assert "+1.00% yes" in table and "1.50x yes" in table and "5/100 yes" in table
+    assert "+1.00% yes" in table and "1.50x yes" in table and "5/100 yes" in table and "0.96 (1.43)" in table
