@@ -393,10 +393,20 @@ def _precision(r: dict) -> str:
 
 def _full_reference(result: dict, hift: dict):
     """The full fine-tuning (AdamW) run to hold ``hift`` against: a whole one in the same precision
-    ("full-adamw" itself when it is one), since a bf16 run is compared with full FT in bf16 (autocast)."""
-    fulls = [r for r in result.get("runs", []) if r.get("mode") == "full" and r["name"].startswith("full-adamw")
-             and _precision(r) == _precision(hift) and not (r.get("settings") or {}).get("stop_after")]
-    return next((r for r in fulls if r["name"] == "full-adamw"), fulls[0] if fulls else None)
+    ("full-adamw" itself when it is one), since a bf16 run is compared with full FT in bf16 (autocast).
+    A HiFT run of another seed than the main runs' is held against full FT of its seed where the sweep
+    has one (the seed orders the batches)."""
+    def whole(r, seed=None):
+        st = r.get("settings") or {}
+        return r.get("mode") == "full" and r["name"].startswith("full-adamw") and _precision(r) == _precision(hift) \
+            and not st.get("stop_after") and (seed is None or st.get("seed", 0) == seed)
+
+    fulls = [r for r in result.get("runs", []) if whole(r)]
+    main = next((r for r in fulls if r["name"] == "full-adamw"), fulls[0] if fulls else None)
+    seed = (hift.get("settings") or {}).get("seed", 0)
+    if main is not None and (main.get("settings") or {}).get("seed", 0) != seed:
+        return next((r for r in result.get("runs", []) + result.get("sweep", []) if whole(r, seed)), main)
+    return main
 
 
 def _untrained_reference(result: dict, hift=None):

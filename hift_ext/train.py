@@ -106,7 +106,7 @@ class TrainConfig:
     strategy: str = "up2down"
     # consecutive optimizer steps on each group before switching (1: plain HiFT; K > 1: block-coordinate
     # HiFT, and with offload a group's state crosses to the device once per K steps). None: the task's
-    # default for HiFT (Task.default_steps_per_group: 2 for classification, 4 for causal-lm, from the
+    # default for HiFT (Task.default_steps_per_group: 2 for classification and causal-lm, from the
     # bench_sst2 / bench_sft sweeps); --full takes 1
     steps_per_group: Optional[int] = None
     epochs: int = 3

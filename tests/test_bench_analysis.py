@@ -249,6 +249,12 @@ def test_sft_comparison_holds_a_bf16_hift_run_against_full_fine_tuning_in_bf16()
     c = bench_sft.compare({"runs": runs, "sweep": []})  # an fp32 HiFT run: full-adamw (records without precision)
     assert c["full_run"] == "full-adamw" and c["equal_epochs_gap_pct"] == pytest.approx(10.0)
     assert bench_sft.compare({"runs": runs[3:], "sweep": []}) == {}  # no full FT run in fp32: nothing to compare
+    # another seed orders the batches otherwise: held against full FT of that seed where the sweep has one
+    seeded = [run("hift-adamw:seed=1", "hift", 0.99, seed=1), run("full-adamw:seed=1", "full", 0.98, seed=1)]
+    c = bench_sft.compare({"runs": runs, "sweep": seeded, "hift_reference": "hift-adamw:seed=1"})
+    assert c["full_run"] == "full-adamw:seed=1" and c["equal_epochs_gap_pct"] == pytest.approx(100 / 98)
+    c = bench_sft.compare({"runs": runs, "sweep": seeded[:1], "hift_reference": "hift-adamw:seed=1"})
+    assert c["full_run"] == "full-adamw"  # none of its seed: the main one
 
 
 def test_sft_exact_match_is_measured_against_the_untrained_model_in_the_runs_precision():

@@ -248,7 +248,11 @@ def test_steps_per_group_flag_help_and_bad_values(capsys):
 
     text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
     entries = re.findall(r"^  --steps-per-group K\b(.*?)(?=^  -)", text, re.M | re.S)
-    assert len(entries) == 1 and "[default: 2] [causal-lm: 4]" in " ".join(entries[0].split()), text
+    entry = " ".join(entries[0].split()) if len(entries) == 1 else text
+    # both tasks default to K = 2, so no "[causal-lm: ...]" note (--group-size has one: 4, causal-lm 11)
+    assert "[default: 2]" in entry and "causal-lm:" not in entry, text
+    gs = re.findall(r"^  --group-size M\b(.*?)(?=^  -)", text, re.M | re.S)
+    assert len(gs) == 1 and "[default:4][causal-lm:11]" in "".join(gs[0].split()), text  # (wrapped anywhere)
     for bad in ("0", "-2", "1.5", "two"):
         with pytest.raises(SystemExit) as e:
             main(["finetune", "--steps-per-group", bad])
@@ -257,7 +261,7 @@ def test_steps_per_group_flag_help_and_bad_values(capsys):
     assert "--steps-per-group" in err and "integer" in err
 
 
-def test_steps_per_group_config_rules():
+def test_steps_per_group_config_rules(monkeypatch):
     from hift_ext.checkpoint import config_mismatch
     from hift_ext.errors import UsageError
     from hift_ext.train import TRAINING_KEYS, TrainConfig, with_legacy_keys
@@ -270,10 +274,15 @@ def test_steps_per_group_config_rules():
     with pytest.raises(UsageError, match="lr_hold 'epoch': choose cycle, visit"):
         TrainConfig(lr_hold="epoch").validate()
     assert "steps_per_group" in TRAINING_KEYS and "lr_hold" in TRAINING_KEYS
-    # None: the task's HiFT default (2 for classification, 4 for causal-lm); --full takes 1
+    # None: the task's HiFT default (2 for classification and for causal-lm); --full takes 1
     assert TrainConfig().resolved_steps_per_group() == 2 and TrainConfig().to_dict()["steps_per_group"] == 2
     assert TrainConfig(full=True).resolved_steps_per_group() == 1
-    assert TrainConfig(task="causal-lm").resolved_steps_per_group() == 4
+    assert TrainConfig(task="causal-lm").resolved_steps_per_group() == 2
+    # ... read from the task named, not from classification's
+    from hift_ext.tasks import get_task
+
+    monkeypatch.setattr(type(get_task("causal-lm")), "default_steps_per_group", 4)
+    assert TrainConfig(task="causal-lm").resolved_steps_per_group() == 4 and TrainConfig().resolved_steps_per_group() == 2
     TrainConfig(full=True).validate()  # the HiFT default does not make --full refuse
     # a checkpoint written before these keys existed ran with one step per group, held per cycle,
     # and resumes as such (its config fills the flags), not with today's default

@@ -203,26 +203,20 @@ class _Data:
 class CausalLMTask(Task):
     name = CAUSAL_LM
     # Sized so `hift-ext finetune --task causal-lm` finishes within 15 minutes on the 2-core CPU
-    # (measured quiet: about 8 minutes, half of them training). Group size and the HiFT-AdamW lr won
-    # benchmarks/bench_sft.py's sweeps at this job's own size (160 problems, 2 epochs, K = 4; final dev
-    # loss). Over 64 dev responses (full fine-tuning 1.0352): 4 groups of 8 at lr 2e-4 1.0516 (1.61x
-    # full FT's tokens/s, timed side by side), 8 groups of 4 at lr 1e-4 1.0657 (1.85x), 2 groups of 16
-    # at lr 1e-4 1.0522 (1.37x); with 80 steps, 8 groups give each group only 10. Over 256 dev
-    # responses (full fine-tuning 1.0285), 4 groups of 8 at lr 1e-4 / 1.5e-4 / 2e-4 / 3e-4 / 4e-4:
-    # 1.0378 / 1.0423 / 1.0556 / 1.0861 / 1.1274, and lower, 7e-5 / 5e-5: 1.0421 / 1.0507, hence lr 1e-4.
-    # With 640 problems in one pass (sft-cpu-640x1.json) lr 1e-4 also beats 5e-5 / 2e-4, but fewer groups
-    # come closer to full fine-tuning: 2 / 3 / 4 groups +1.6% / +4.1% / +5.9% at 1.35x / 1.51x / 1.62x its
-    # tokens/s (side by side over 40-48 steps; the one-cycle figures above read higher): on larger data,
-    # fewer groups if speed matters less.
-    # The AdaGrad/SGD rates are first guesses.
+    # (measured quiet: about 6 minutes, 3.3 of them training). Group size and K won bench_sft.py's
+    # sweep at this job's own size (160 problems, 2 epochs, 80 steps, fp32, 64 dev responses, batches
+    # in random order; sft-cpu-160x2-shuffled.json, docs/sft-study.md). Final dev loss against full
+    # fine-tuning's 1.0202, tokens/s against its own timed side by side: 3 groups of 11 at K = 2
+    # +1.86% at 1.68x (seed 1: +1.60%); at K = 1 / 4 +2.03% / +2.53%; 2 groups of 16 at K = 2 +0.09%
+    # but 1.47x; 4 groups of 8 at K = 1 / 2 / 4 +2.39% / +2.57% / +2.98%. (The split 22,10 at K = 2,
+    # +1.38% at 1.64x, fits only a model of 32 units; an int fits any.) lr 1e-4 won the earlier lr
+    # sweeps, 5e-5 to 4e-4, here and at 640 problems. The AdaGrad/SGD rates are first guesses.
     defaults: Dict[str, Any] = {
         "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
         "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256,
-        "group_size": 8, "strategy": "up2down",
+        "group_size": 11, "strategy": "up2down",
     }
-    # bench_sft's K sweep (64 problems, 3 epochs, 8 groups of 4, seed 0): final dev loss 1.1940 /
-    # 1.2016 / 1.1842 at K = 1 / 2 / 4 (full fine-tuning 1.1929): four consecutive steps per group
-    default_steps_per_group = 4
+    default_steps_per_group = 2
     default_lrs = {
         ("hift", "adamw"): 1e-4,
         ("full", "adamw"): 5e-5,
