@@ -142,13 +142,20 @@ def results_path(name: str, device: str, suffix: str = "json") -> str:
     return os.path.join(RESULTS_DIR, f"{name}-{device_tag(device)}.{suffix}")
 
 
+def write_json(path: str, data, indent: int = 2) -> None:
+    """Write a results file new and rename it into place: an interrupted run (or two runs finishing
+    at once) never leaves a half-written JSON where the last good one was."""
+    from hift_ext.atomic_io import atomic_file
+
+    with atomic_file(path) as f:
+        json.dump(data, f, indent=indent)
+        f.write("\n")
+
+
 def write_results(name: str, device: str, payload: dict) -> str:
     """Writes benchmarks/results/<name>-<device>.json with the environment stamp; returns the path."""
     path = results_path(name, device)
-    data = {"benchmark": name, "environment": environment(device), **payload}
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    write_json(path, {"benchmark": name, "environment": environment(device), **payload})
     return path
 
 

@@ -292,8 +292,7 @@ def write_results(rows: list[dict], device: torch.device, out_dir: str, name: st
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}-{_common.device_tag(device)}.json")
-    with open(path, "w") as f:
-        json.dump({"benchmark": name, "environment": _common.environment(device), "rows": rows}, f, indent=1)
+    _common.write_json(path, {"benchmark": name, "environment": _common.environment(device), "rows": rows}, indent=1)
     return path
 
 

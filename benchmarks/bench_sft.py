@@ -739,10 +739,9 @@ def _save(out: str, png: str, key: str, rec: dict) -> dict:
 
 def _write_json(out: str, result: dict) -> None:
     """Write new and rename into place: an interrupted write never leaves a half file."""
-    from hift_ext.atomic_io import atomic_file
+    from _common import write_json
 
-    with atomic_file(out) as fh:
-        json.dump(result, fh, indent=2)
+    write_json(out, result)
 
 
 def main(argv=None) -> int:

@@ -388,6 +388,8 @@ def plot(result: dict, png: str) -> None:
 
 
 def main(argv=None) -> int:
+    from _common import write_json  # results files are written new and renamed into place
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS).replace(",", ";"),
                    help="configs separated by ';' (NAME[:key=value,...]) [default: %(default)s]")
@@ -428,8 +430,7 @@ def main(argv=None) -> int:
         if studies.get(st["hift"], {}).get("note"):
             st["note"] = studies[st["hift"]]["note"]  # a hand-written reading of the same comparison stays
         studies[st["hift"]] = st
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(out, result)
         plot_study(studies, os.path.splitext(out)[0] + "-study.png")
         print(json.dumps({k: v for k, v in st.items() if k != "per_seed"}, indent=2))
         return 0
@@ -442,8 +443,7 @@ def main(argv=None) -> int:
         rec = run_speed([parse_config(s, common) for s in specs], args.speed_steps)
         rec["environment"] = environment()
         result.setdefault("speed", {})[" | ".join(specs)] = rec
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(out, result)
         base = rec["seconds_per_step"][specs[0]]
         for n, sec in rec["seconds_per_step"].items():
             print(f"{n:45s} {sec:.3f} s/step  {base / sec:.2f}x {specs[0]}")
@@ -469,12 +469,10 @@ def main(argv=None) -> int:
             result[key] = [r for r in result[key] if r["name"] != st["name"]]
         result[key].append(rec)
         result["comparison"] = compare(result)
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(out, result)
         plot(result, png)
     result["comparison"] = compare(result)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json(out, result)
     plot(result, png)
     print(fmt_table(result))
     if result["comparison"]:

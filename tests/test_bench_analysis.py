@@ -322,3 +322,19 @@ def test_sft_frontier_assesses_every_hift_run_on_every_target():
     assert b["step_worth"] is None  # 0.899 is below full FT's whole curve
     table = bench_sft.fmt_frontier(rows)
     assert "+1.00% yes" in table and "1.50x yes" in table and "5/100 yes" in table and "0.96 (1.43)" in table
+
+
+def test_results_are_written_new_and_renamed_into_place(tmp_path):
+    """A results file is replaced whole or not at all: a record that cannot be written leaves the last
+    good file as it was, and no temp file behind."""
+    import _common
+
+    path = str(tmp_path / "sft-cpu.json")
+    _common.write_json(path, {"runs": [1]})
+    with open(path) as fh:
+        assert fh.read() == '{\n  "runs": [\n    1\n  ]\n}\n'
+    with pytest.raises(TypeError):
+        _common.write_json(path, {"runs": [object()]})  # not JSON: fails halfway through the dump
+    with open(path) as fh:
+        assert fh.read().startswith('{\n  "runs": [\n    1')
+    assert os.listdir(tmp_path) == ["sft-cpu.json"]
