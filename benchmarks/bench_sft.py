@@ -358,12 +358,16 @@ def _epoch_ends(history: list) -> list:
 # Settings that do not change a run's numbers (runs are deterministic): runs that differ only in these
 # trace the same curve, so their evaluations join (e.g. a short run evaluated every 2 steps).
 RUN_CONTROL_KEYS = ("stop_after", "eval_steps", "threads", "eval_generate", "max_new_tokens")
+# HiFT's own settings, which a full fine-tuning run records (the task's defaults of the day) but never uses
+HIFT_ONLY_KEYS = ("group_size", "strategy", "steps_per_group", "lr_hold")
 
 
 def _same_curve(result: dict, run: dict) -> list:
-    """The other runs of the file with ``run``'s settings up to RUN_CONTROL_KEYS (the same training)."""
+    """The other runs of the file with ``run``'s settings up to RUN_CONTROL_KEYS (the same training;
+    for full fine-tuning also up to HIFT_ONLY_KEYS)."""
     def key(r):
-        return {k: v for k, v in (r.get("settings") or {}).items() if k not in RUN_CONTROL_KEYS}
+        skip = RUN_CONTROL_KEYS + (HIFT_ONLY_KEYS if r.get("mode") == "full" else ())
+        return {k: v for k, v in (r.get("settings") or {}).items() if k not in skip}
 
     return [r for r in result.get("runs", []) + result.get("sweep", [])
             if r is not run and r.get("mode") == run.get("mode") and r.get("eval_history") and key(r) == key(run)]

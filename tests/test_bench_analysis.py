@@ -178,6 +178,11 @@ def test_sft_equal_time_curve_joins_a_finer_run_of_the_same_full_ft_curve():
     c = bench_sft.compare(dict(result, sweep=[early, other]))
     assert c["equal_time_curve"][0]["full_loss_same_time"] == pytest.approx(1.08)
     assert c["equal_time_met_at_any_evaluation"] is False and c["full_evaluations"] == 7
+    # full FT records the HiFT defaults of its day but never uses them: a re-run under another default joins
+    later = dict(early, name="full-adamw:stop_after=8,later", settings=dict(early["settings"], group_size=11,
+                                                                             steps_per_group=2))
+    c = bench_sft.compare(dict(result, sweep=[later, other]))
+    assert c["equal_time_curve"][0]["full_loss_same_time"] == pytest.approx(1.08) and c["full_evaluations"] == 7
 
 
 def test_side_by_side_rotation_waits_for_the_device_around_each_step():
