@@ -727,6 +727,8 @@ def _save(out: str, png: str, key: str, rec: dict) -> dict:
     """Merge one record into the JSON (read again first: runs finish in any order)."""
     import fcntl
 
+    from _common import write_json
+
     with open(out + ".lock", "w") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
         result = {"benchmark": "sft", "runs": [], "sweep": []}
@@ -736,16 +738,9 @@ def _save(out: str, png: str, key: str, rec: dict) -> dict:
         result[key] = [r for r in result[key] if r["name"] != rec["name"]] + [rec]
         result["comparison"] = compare(result)
         result["frontier"] = frontier(result)
-        _write_json(out, result)
+        write_json(out, result)  # new, renamed into place
     plot(result, png)
     return result
-
-
-def _write_json(out: str, result: dict) -> None:
-    """Write new and rename into place: an interrupted write never leaves a half file."""
-    from _common import write_json
-
-    write_json(out, result)
 
 
 def main(argv=None) -> int:
@@ -797,7 +792,7 @@ def main(argv=None) -> int:
             result["hift_reference"] = args.reference
             result["comparison"] = compare(result)
             result["frontier"] = frontier(result)
-            _write_json(out, result)
+            _common.write_json(out, result)
         plot(result, png)
         print(fmt_table(result))
         print(fmt_frontier(frontier(result)))
@@ -843,7 +838,7 @@ def main(argv=None) -> int:
         result.update(head)
         if args.reference:
             result["hift_reference"] = args.reference
-        _write_json(out, result)
+        _common.write_json(out, result)
     running = []
     tmpdir = tempfile.mkdtemp(prefix="bench_sft-")
     while todo or running:
