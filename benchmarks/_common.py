@@ -17,6 +17,16 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_average() -> list[str] | None:
+    """The 1, 5 and 15 minute load averages as /proc/loadavg gives them, None where it is absent: a
+    record of how busy the machine was (a loaded machine tilts timings, side-by-side ratios too)."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return fh.read().split()[:3]
+    except OSError:
+        return None
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -79,11 +79,9 @@ def environment() -> dict:
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
-    try:
-        with open("/proc/loadavg") as fh:
-            env["loadavg_at_start"] = fh.read().split()[:3]
-    except OSError:
-        pass
+    from _common import load_average
+
+    env["loadavg_at_start"] = load_average()
     return env
 
 
@@ -133,11 +131,9 @@ def run_one(settings: dict) -> dict:
     rec = {k: m.get(k) for k in keep}
     rec.update(name=settings["name"], settings=s, wall_s=time.time() - t0,
                finished_at=datetime.datetime.now().isoformat(timespec="seconds"))
-    try:
-        with open("/proc/loadavg") as fh:
-            rec["loadavg_at_end"] = fh.read().split()[:3]
-    except OSError:
-        pass
+    from _common import load_average
+
+    rec["loadavg_at_end"] = load_average()
     return rec
 
 

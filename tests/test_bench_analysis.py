@@ -113,6 +113,15 @@ def test_sft_speed_run_splits_the_step_times_by_the_active_group():
     assert bench_sft._group_times(per_step, [0, 0, 0, 0], 1)["speedup"] is None  # a group no step updated
 
 
+def test_sft_speed_record_timed_on_a_busy_machine_gets_a_caution():
+    quiet = {"settings": {"threads": 1}, "loadavg_at_end": ["1.27", "1.03", "1.00"]}
+    busy = {"settings": {"threads": 1}, "loadavg_at_end": ["2.41", "2.9", "3.0"]}
+    assert bench_sft.busy_note(quiet) == ""
+    assert "busy machine (load 2.41" in bench_sft.busy_note(busy) and "alone" in bench_sft.busy_note(busy)
+    assert bench_sft.busy_note({"settings": {"threads": 2}, "loadavg_at_end": ["2.3"]}) == ""  # its own 2 threads
+    assert bench_sft.busy_note({"settings": {}}) == ""  # older records: no load recorded
+
+
 def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_along_the_curve(tmp_path):
     st = {"max_train_examples": 160, "batch_size": 4, "max_length": 448, "optimizer": "adamw", "group_size": 8,
           "strategy": "up2down", "steps_per_group": 4}
