@@ -437,13 +437,14 @@ def busy_note(rec: dict) -> str:
     """A caution for a speed record timed on a busy machine (its 1-minute load average at the end above
     what its own threads make), "" otherwise. Taking steps in rotation gives both setups the same load,
     yet load still tilts the ratio: on the 2-core machine, timed beside other runs, HiFT's side-by-side
-    speedup came out 2-10% above the same setting's timed alone (2026-12-07, docs/sft-study.md)."""
+    speedup in fp32 came out 2-10% above the same setting's timed alone (in bf16 one setting did not
+    move; 2026-12-07, docs/sft-study.md)."""
     load = rec.get("loadavg_at_end")
     threads = (rec.get("settings") or {}).get("threads") or os.cpu_count() or 1
     if not load or float(load[0]) <= threads + 0.5:
         return ""
     return (f"; timed on a busy machine (load {load[0]} at the end, {threads} thread(s) its own): beside other runs "
-            "side-by-side ratios came out 2-10% high on the 2-core machine, time speed runs alone")
+            "side-by-side ratios in fp32 came out 2-10% high on the 2-core machine: time speed runs alone")
 
 
 def _speed_run_of(result: dict, hift: dict):
