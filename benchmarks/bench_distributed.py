@@ -4,7 +4,7 @@ host optimizer-state bytes per rank.
 Same model (tiny LLaMA by default), same global batch (``--world`` ranks x ``--batch`` sequences of
 ``--seq`` tokens), on ``--world`` processes started here (gloo on the CPU, NCCL on GPUs):
 
-* ``ddp``: torch DistributedDataParallel + torch.optim.AdamW over every parameter (full FT). Its
+* ``ddp``: torch DistributedDataParallel + torch.optim.AdamW (fused) over every parameter (full FT). Its
   gradient bytes are counted by a DDP comm hook around the all-reduce of each bucket.
 * ``hift``: FusedHiFTAdamW (group_size 1, optimizer state offloaded to the host store), replicated
   state: the active group's gradients are all-reduced.
@@ -98,7 +98,9 @@ def run_rank(args) -> dict:
 
             ddp = DDP(model, device_ids=[args.rank] if cuda else None)
             ddp.register_comm_hook(None, counting_hook)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            from hift_ext.train import torch_full_optimizer
+
+            opt = torch_full_optimizer("adamw", model.parameters(), lr=1e-4)  # fused, like every baseline
             n = args.ddp_steps
             _steps(model, opt, ids, 1, ddp)  # warm-up (state created, DDP buckets rebuilt)
             counter["bytes"] = counter["calls"] = 0
@@ -107,7 +109,7 @@ def run_rank(args) -> dict:
                        param_gather_bytes_per_step=0.0, control_bytes_per_step=0.0,
                        host_state_bytes=sum(v.numel() * v.element_size() for st in opt.state.values()
                                             for v in st.values() if torch.is_tensor(v) and v.dim() > 0),
-                       host_state_kind="torch.optim.AdamW state (resident with the model)", pinned_bytes=0,
+                       host_state_kind="torch.optim.AdamW (fused) state (resident with the model)", pinned_bytes=0,
                        ring_bytes=0,
                        num_groups=1)
             del ddp

@@ -150,8 +150,8 @@ def run_untrained(s: dict, log) -> dict:
 
 
 def run_speed(s: dict, log) -> dict:
-    """Training tokens/s of full fine-tuning (torch AdamW) and HiFT-AdamW measured side by side in one
-    process: the two models take steps in alternation on the same batches (who goes first alternates),
+    """Training tokens/s of full fine-tuning (torch's fused AdamW) and HiFT-AdamW measured side by side
+    in one process: the two models take steps in alternation on the same batches (who goes first alternates),
     over whole HiFT cycles, so both see the same machine load (a busy machine still tilts the ratio:
     :func:`busy_note`). Each step is what the loop does on the
     run's device and precision: the batch to the device, forward (full FT autocasts its fp32 weights
@@ -161,10 +161,10 @@ def run_speed(s: dict, log) -> dict:
 
     import torch
 
-    from _side_by_side import rotate, train_step
+    from _side_by_side import kernel_memory_cost, longest, rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
-    from hift_ext.train import TrainConfig, _pick_device, make_optimizer, precision_autocast
+    from hift_ext.train import TrainConfig, _pick_device, make_optimizer, precision_autocast, torch_full_optimizer
 
     s = dict(s)
     loss_ab = bool(s.pop("loss_ab", 0))
@@ -198,7 +198,7 @@ def run_speed(s: dict, log) -> dict:
 
             return FusedAdamW(list(m.parameters()), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
         if name.startswith("full"):
-            return torch.optim.AdamW(list(m.parameters()), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+            return torch_full_optimizer("adamw", m.parameters(), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
         return make_optimizer(cfg, m)
 
     opts = {name: optimizer_of(name, m) for name, m in models.items()}
@@ -220,14 +220,31 @@ def run_speed(s: dict, log) -> dict:
         with precision_autocast(device, low, full=name in autocast_fp32):
             train_step(models[name], opts[name], batch, cfg.max_grad_norm, job_loss)
 
-    for name in setups:  # one untimed step each: allocations, kernel and library set-up (cuBLAS on a GPU)
-        step(name, order[0])
+    # untimed steps: one on the longest batch, then a whole HiFT cycle (every group's optimizer state
+    # exists): the heap at its peak (_side_by_side's RETAINED_HEAP), kernel and library set-up (cuBLAS)
+    warmup = [longest(order)] + order[:cycle]
+    for b in warmup:
+        for name in setups:
+            step(name, b)
     groups.clear()  # n more steps are still whole HiFT cycles, each group K steps of them
     per_step = {}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    times = rotate({name: (lambda b, name=name: step(name, b)) for name in setups}, order, log, per_step, sync)
+    user_s = dict.fromkeys(setups, 0.0)  # CPU time in user space: the steps' compute without the kernel's
+
+    def timed(name, b):
+        u0 = kernel_memory_cost()["user_s"]
+        step(name, b)
+        user_s[name] += kernel_memory_cost()["user_s"] - u0
+
+    before = kernel_memory_cost()
+    times = rotate({name: (lambda b, name=name: timed(name, b)) for name in setups}, order, log, per_step, sync)
     rec = {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
-           "device": str(device), "precision": cfg.precision, "random_init": random_init, "warmup_steps": 1,
+           "device": str(device), "precision": cfg.precision, "random_init": random_init,
+           "warmup_steps": len(warmup), "warmup_batch": "longest, then a HiFT cycle",
+           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+           "user_cpu_s": user_s, "user_cpu_speedup": user_s["full"] / user_s["hift"] if user_s["hift"] else None,
+           # the timed steps' page faults and kernel time (every setup together): small with RETAINED_HEAP
+           "timed_steps_kernel": kernel_memory_cost(before),
            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"],
            "by_group": [_group_times(per_step, groups, g) for g in range(k)]}
@@ -861,8 +878,11 @@ def main(argv=None) -> int:
             sp = todo.pop(0)
             rec_path = os.path.join(tmpdir, f"{len(running)}-{time.time_ns()}.json")
             print(f"== {sp['name']}: {json.dumps(sp['settings'])}", flush=True)
+            from _side_by_side import speed_child_env
+
+            env = speed_child_env() if sp["name"].split(":")[0] == "speed" else None
             proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(sp), rec_path],
-                                    cwd=REPO)
+                                    cwd=REPO, env=env)
             running.append((sp, proc, rec_path))
         time.sleep(5)
         for item in list(running):

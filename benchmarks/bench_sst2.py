@@ -195,7 +195,7 @@ def run_speed(settings: list, n_steps: int) -> dict:
     """Seconds per training step of each config, measured side by side (see --speed)."""
     import copy
 
-    from _side_by_side import rotate, train_step
+    from _side_by_side import longest, rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
     from hift_ext.train import make_optimizer
@@ -213,14 +213,16 @@ def run_speed(settings: list, n_steps: int) -> dict:
                              "time it with a training run")
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(built.model).to(dtype=cfg.weights_dtype).train()  # HiFT bf16/fp16: masters in the optimizer
-        opt = (torch.optim.AdamW(model.parameters(), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
-               if cfg.full else make_optimizer(cfg, model))
+        opt = make_optimizer(cfg, model)  # full FT: torch's fused AdamW, as the training job's
         steps[name] = lambda b, m=model, o=opt, c=cfg: train_step(m, o, b, c.max_grad_norm)
     ds = built.train_ds
     order = ds.batches(epoch_permutation(len(ds), first.seed, 0), first.batch_size)
     batches = [ds.collate(order[i % len(order)]) for i in range(n_steps)]
+    for step in steps.values():  # untimed: allocations, the optimizer state, the heap at its peak
+        step(longest(batches))
     seconds = rotate(steps, batches, lambda m: print("   ", m, flush=True))
     return {"steps_each": n_steps, "batch_size": first.batch_size, "threads": torch.get_num_threads(),
+            "warmup_steps": 1, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "seconds_per_step": {n: s / n_steps for n, s in seconds.items()},
             "settings": {n: {k: v for k, v in st.items() if k != "name"} for n, st in zip(cfgs, settings)},
             "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -434,6 +436,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     common = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                   max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples)
+    if args.speed and argv is None and "GLIBC_TUNABLES" not in os.environ:
+        from _side_by_side import speed_child_env  # time with a heap that keeps freed memory: no page faults
+
+        os.execve(sys.executable, [sys.executable] + sys.argv, speed_child_env())
     if args.speed:
         specs = [s.strip() for s in args.speed.split(";") if s.strip()]
         rec = run_speed([parse_config(s, common) for s in specs], args.speed_steps)

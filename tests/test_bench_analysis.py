@@ -207,6 +207,22 @@ def test_side_by_side_rotation_waits_for_the_device_around_each_step():
     assert set(times) == {"full", "hift"} and [len(v) for v in per_step.values()] == [2, 2]
 
 
+def test_speed_children_keep_freed_memory_and_warm_up_on_the_longest_batch(monkeypatch):
+    """A timing process runs with glibc keeping freed memory (no page faults in the timed steps, whose
+    cost on a VM is noise) unless the user set GLIBC_TUNABLES; its warm-up takes the longest batch."""
+    import _side_by_side
+    import torch
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert _side_by_side.speed_child_env()["GLIBC_TUNABLES"] == _side_by_side.RETAINED_HEAP
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    assert _side_by_side.speed_child_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1"
+    batches = [{"input_ids": torch.zeros(4, n)} for n in (7, 31, 12)]
+    assert _side_by_side.longest(batches) is batches[1]
+    cost = _side_by_side.kernel_memory_cost()
+    assert set(_side_by_side.kernel_memory_cost(cost)) == {"minor_faults", "kernel_s", "user_s"}
+
+
 def test_sft_random_init_builds_the_config_with_random_weights_and_restores_the_loader(tmp_path):
     transformers = pytest.importorskip("transformers")
     from hift_ext.model_source import ModelSource
@@ -238,6 +254,8 @@ def test_sft_speed_run_times_both_setups_in_the_runs_precision_from_a_weightless
          "group_size": 2, "steps_per_group": 1, "precision": precision, "full_masters": int(precision == "bf16")}
     rec = bench_sft.run_speed(s, lambda msg: None)
     assert rec["mode"] == "speed" and rec["precision"] == precision and rec["random_init"] is True
+    assert rec["warmup_steps"] == 1 + rec["num_groups"] and rec["timed_steps_kernel"]["minor_faults"] >= 0
+    assert rec["user_cpu_s"]["full"] > 0 and rec["user_cpu_speedup"] > 0
     assert rec["device"] == "cpu" and rec["num_groups"] == 2 and rec["steps_each"] == 2
     assert [g["steps"] for g in rec["by_group"]] == [1, 1]  # whole cycles: each group as often
     assert rec["full_tokens_per_s"] > 0 and rec["hift_tokens_per_s"] > 0
