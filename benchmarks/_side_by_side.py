@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["train_step", "rotate", "RETAINED_HEAP", "speed_child_env", "kernel_memory_cost", "longest"]
+__all__ = ["train_step", "rotate", "RETAINED_HEAP", "speed_child_env", "process_cpu_usage", "longest"]
 
 # glibc's malloc hands every block over 32 MB (weights' gradients, logits, a long batch's activations)
 # back to the kernel when it is freed, so each step faults its memory in again. On this project's
@@ -34,8 +34,9 @@ def speed_child_env() -> Dict[str, str]:
     return env
 
 
-def kernel_memory_cost(before=None) -> Dict[str, float]:
-    """Page faults and kernel seconds of this process (since ``before``, an earlier result)."""
+def process_cpu_usage(before=None) -> Dict[str, float]:
+    """This process's page faults and seconds of CPU time in the kernel and in user space (since
+    ``before``, an earlier result)."""
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF)

@@ -6,8 +6,8 @@ bf16/fp16 with fp32 master weights (``--dtypes``):
     full          fp32: torch.optim.AdamW(fused=True) on every parameter (torch's default on CUDA,
                   foreach, holds sqrt(v) for every parameter during the step: the 125.6 GiB full FT
                   measured with it at 7B on the H200 is 5 x 25.1 GiB); bf16/fp16:
-                  hift_ext.FusedAdamW with fp32 master weights (2 B weight + 2 B grad + 12 B master/m/v per parameter, the usual
-                  mixed-precision full fine-tuning)
+                  hift_ext.FusedAdamW with fp32 master weights (2 B weight + 2 B grad + 12 B
+                  master/m/v per parameter, the usual mixed-precision full fine-tuning)
     hift          hift_ext.FusedHiFTAdamW(offload=False): every group's state (and masters) on the device
     hift_offload  hift_ext.FusedHiFTAdamW(offload=True): state and masters in the host store; the device
                   holds the engine's arena: ``offload_device_bytes`` (``--budget-gib``) or, by default,

@@ -151,17 +151,18 @@ def run_untrained(s: dict, log) -> dict:
 
 def run_speed(s: dict, log) -> dict:
     """Training tokens/s of full fine-tuning (torch's fused AdamW) and HiFT-AdamW measured side by side
-    in one process: the two models take steps in alternation on the same batches (who goes first alternates),
-    over whole HiFT cycles, so both see the same machine load (a busy machine still tilts the ratio:
-    :func:`busy_note`). Each step is what the loop does on the
-    run's device and precision: the batch to the device, forward (full FT autocasts its fp32 weights
-    under --bf16/--fp16, HiFT's weights are in that dtype), backward, clipping, optimizer step,
+    in one process: the two models take steps in alternation on the same batches (who goes first
+    alternates), over whole HiFT cycles, so both see the same machine load (a busy machine still tilts
+    the ratio: :func:`busy_note`), after a warm-up, in a process whose heap keeps freed memory
+    (``_side_by_side.RETAINED_HEAP``). Each step is what the loop does on the run's device and
+    precision: the batch to the device, forward (full FT autocasts its fp32 weights under
+    --bf16/--fp16, HiFT's weights are in that dtype), backward, clipping, optimizer step,
     zero_grad; on a GPU the clock waits for the device after each step."""
     import copy
 
     import torch
 
-    from _side_by_side import kernel_memory_cost, longest, rotate, train_step
+    from _side_by_side import process_cpu_usage, longest, rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
     from hift_ext.train import TrainConfig, _pick_device, make_optimizer, precision_autocast, torch_full_optimizer
@@ -232,11 +233,11 @@ def run_speed(s: dict, log) -> dict:
     user_s = dict.fromkeys(setups, 0.0)  # CPU time in user space: the steps' compute without the kernel's
 
     def timed(name, b):
-        u0 = kernel_memory_cost()["user_s"]
+        u0 = process_cpu_usage()["user_s"]
         step(name, b)
-        user_s[name] += kernel_memory_cost()["user_s"] - u0
+        user_s[name] += process_cpu_usage()["user_s"] - u0
 
-    before = kernel_memory_cost()
+    before = process_cpu_usage()
     times = rotate({name: (lambda b, name=name: timed(name, b)) for name in setups}, order, log, per_step, sync)
     rec = {"mode": "speed", "steps_each": n, "num_groups": k, "group_size": opts["hift"].group_size,
            "device": str(device), "precision": cfg.precision, "random_init": random_init,
@@ -244,7 +245,7 @@ def run_speed(s: dict, log) -> dict:
            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
            "user_cpu_s": user_s, "user_cpu_speedup": user_s["full"] / user_s["hift"] if user_s["hift"] else None,
            # the timed steps' page faults and kernel time (every setup together): small with RETAINED_HEAP
-           "timed_steps_kernel": kernel_memory_cost(before),
+           "timed_steps_kernel": process_cpu_usage(before),
            "tokens": tokens, "full_tokens_per_s": tokens / times["full"], "hift_tokens_per_s": tokens / times["hift"],
            "speedup": times["full"] / times["hift"], "full_s": times["full"], "hift_s": times["hift"],
            "by_group": [_group_times(per_step, groups, g) for g in range(k)]}

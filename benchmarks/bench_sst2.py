@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     common = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                   max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples)
     if args.speed and argv is None and "GLIBC_TUNABLES" not in os.environ:
-        from _side_by_side import speed_child_env  # time with a heap that keeps freed memory: no page faults
+        from _side_by_side import speed_child_env  # time with a heap that keeps freed memory (_side_by_side)
 
         os.execve(sys.executable, [sys.executable] + sys.argv, speed_child_env())
     if args.speed:

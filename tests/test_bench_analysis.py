@@ -219,8 +219,8 @@ def test_speed_children_keep_freed_memory_and_warm_up_on_the_longest_batch(monke
     assert _side_by_side.speed_child_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1"
     batches = [{"input_ids": torch.zeros(4, n)} for n in (7, 31, 12)]
     assert _side_by_side.longest(batches) is batches[1]
-    cost = _side_by_side.kernel_memory_cost()
-    assert set(_side_by_side.kernel_memory_cost(cost)) == {"minor_faults", "kernel_s", "user_s"}
+    cost = _side_by_side.process_cpu_usage()
+    assert set(_side_by_side.process_cpu_usage(cost)) == {"minor_faults", "kernel_s", "user_s"}
 
 
 def test_sft_random_init_builds_the_config_with_random_weights_and_restores_the_loader(tmp_path):
