@@ -162,7 +162,7 @@ def run_speed(s: dict, log) -> dict:
 
     import torch
 
-    from _side_by_side import process_cpu_usage, longest, rotate, train_step
+    from _side_by_side import longest, process_cpu_usage, rotate, train_step
     from hift_ext.data import epoch_permutation
     from hift_ext.tasks import get_task
     from hift_ext.train import TrainConfig, _pick_device, make_optimizer, precision_autocast, torch_full_optimizer
@@ -872,6 +872,8 @@ def main(argv=None) -> int:
         if args.reference:
             result["hift_reference"] = args.reference
         _common.write_json(out, result)
+    from _side_by_side import speed_child_env
+
     running = []
     tmpdir = tempfile.mkdtemp(prefix="bench_sft-")
     while todo or running:
@@ -879,8 +881,6 @@ def main(argv=None) -> int:
             sp = todo.pop(0)
             rec_path = os.path.join(tmpdir, f"{len(running)}-{time.time_ns()}.json")
             print(f"== {sp['name']}: {json.dumps(sp['settings'])}", flush=True)
-            from _side_by_side import speed_child_env
-
             env = speed_child_env() if sp["name"].split(":")[0] == "speed" else None
             proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(sp), rec_path],
                                     cwd=REPO, env=env)

@@ -319,7 +319,7 @@ def torch_full_optimizer(name: str, params: Sequence[torch.Tensor], **kw: Any) -
     """torch's ``name`` optimizer ("adamw", "adagrad", "sgd") over ``params``: full fine-tuning's, and
     every benchmark's baseline. Fused where torch has a kernel for the device: torch's default on the
     CPU is a loop over the tensors, 4.3x slower (0.74 s against 0.17 s an AdamW step for
-    SmolLM2-135M's 134.5M parameters on one Xeon core, 2026-12-07, about 4% of a training step), and on
+    SmolLM2-135M's 134.5M parameters on one Xeon core, 2026-12-07, about 8% of a training step), and on
     CUDA foreach, whose temporaries add a copy of the state to the peak memory. The update is the same
     to rounding. A checkpoint written by another implementation keeps it when loaded (torch stores the
     choice in the param groups), so a resumed run continues as it began."""

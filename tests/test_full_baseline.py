@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from hift_ext.train import TrainConfig, make_optimizer, torch_fused_available, torch_full_optimizer
+from hift_ext.train import (TORCH_OPTIMIZERS, TrainConfig, make_optimizer, torch_fused_available,
+                             torch_full_optimizer)
 
 KW = {"adamw": dict(lr=1e-2, weight_decay=0.1), "adagrad": dict(lr=1e-1, weight_decay=0.1),
       "sgd": dict(lr=1e-1, momentum=0.9, weight_decay=0.1)}
@@ -30,8 +31,7 @@ def _steps(model, opt, n, seed=1):
 def test_full_finetuning_uses_torchs_fused_optimizer_on_cpu(name):
     cfg = TrainConfig.for_task("classification", full=True, optimizer=name)
     opt = make_optimizer(cfg, _model())
-    assert isinstance(opt, {"adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
-                            "sgd": torch.optim.SGD}[name])
+    assert isinstance(opt, TORCH_OPTIMIZERS[name])
     assert all(g["fused"] is True for g in opt.param_groups)
 
 
@@ -39,8 +39,7 @@ def test_full_finetuning_uses_torchs_fused_optimizer_on_cpu(name):
 def test_fused_baseline_matches_torchs_default_update(name):
     fused_model, loop_model = _model(), _model()
     fused = torch_full_optimizer(name, fused_model.parameters(), **KW[name])
-    loop = {"adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
-            "sgd": torch.optim.SGD}[name](loop_model.parameters(), foreach=False, **KW[name])
+    loop = TORCH_OPTIMIZERS[name](loop_model.parameters(), foreach=False, **KW[name])
     _steps(fused_model, fused, 5)
     _steps(loop_model, loop, 5)
     for a, b in zip(fused_model.parameters(), loop_model.parameters()):
