@@ -59,6 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_CONFIGS = ("untrained", "speed", "full-adamw", "hift-adamw", "hift-adagrad", "hift-sgd")
 TARGET_LOSS_GAP_PCT = 2.0
 TARGET_SPEEDUP = 1.5
+MODEL_UNITS = 32  # SmolLM2-135M's layer units: the embedding (tied with the head), 30 layers, the final norm
 
 
 # ------------------------------------------------------------------------------------ one run (child)
@@ -80,6 +81,7 @@ SPEED_KEYS = ("loss_ab", "steps", "random_init", "full_masters")
 
 
 def parse_config(spec: str, common: dict) -> dict:
+    from hift_ext.tasks import get_task
     from hift_ext.train import TrainConfig
 
     name, _, rest = spec.partition(":")
@@ -108,7 +110,8 @@ def parse_config(spec: str, common: dict) -> dict:
     if name not in ("untrained",):
         cfg = TrainConfig.for_task("causal-lm", **{k: v for k, v in settings.items() if k not in SPEED_KEYS})
         settings["lr"] = cfg.resolved_lr()
-        settings["group_size"] = cfg.group_size
+        settings["group_size"] = (cfg.group_size if cfg.group_size is not None  # None: the task's, for SmolLM2
+                                  else list(get_task("causal-lm").group_size_for(MODEL_UNITS)))
         settings["strategy"] = cfg.strategy
         if not cfg.full:
             settings["steps_per_group"] = cfg.resolved_steps_per_group()

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         v_lm = lm.defaults.get(name, v)
         if name == "steps_per_group":  # a task attribute (HiFT only), not a TrainConfig value
             v, v_lm = get_task("classification").default_steps_per_group, lm.default_steps_per_group
+        if name == "group_size":  # the task's, for its model (None in TrainConfig)
+            from hift_ext.grouping import format_group_size
+
+            v = get_task("classification").default_group_size
+            v_lm = (f"{format_group_size(lm.default_group_size)} on SmolLM2's "
+                    f"{sum(lm.default_group_size)} units, in proportion on other models")
         show = lambda x: "all" if x is None else str(x)  # noqa: E731
         return show(v) + (f"] [causal-lm: {show(v_lm)}" if v_lm != v else "")  # "[default: 64] [causal-lm: 512]"
 
@@ -228,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--model", metavar="PATH", default=None,
                     help="transformers checkpoint directory, .gguf file or model package [default: packaged "
                     "all-MiniLM-L6-v2]")
-    gr.add_argument("--group-size", type=_group_size_flag, default=d.group_size, metavar="M",
-                    help="layer units per group, or M1,M2,... per group, bottom to top [default: finetune's, "
-                    "%(default)s]")
+    gr.add_argument("--group-size", type=_group_size_flag, default=None, metavar="M",
+                    help="layer units per group, or M1,M2,... per group, bottom to top [default: finetune's "
+                    "for the model's task]")
     return p
 
 
@@ -405,7 +411,9 @@ def cmd_groups(args) -> int:
     from hift_ext.train import effective_group_size
 
     try:
-        group_size = effective_group_size(model, args.group_size)  # as finetune trains it
+        from hift_ext.model_source import detect_task
+
+        group_size = effective_group_size(model, args.group_size, detect_task(args.model))  # as finetune trains it
         # (an unequal split whose sizes do not add up to the model's units is refused while grouping)
         describe_groups(model, group_size=group_size, file=sys.stdout)
     except (ValueError, TypeError) as exc:  # e.g. a model with nothing trainable

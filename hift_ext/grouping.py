@@ -61,6 +61,7 @@ __all__ = [
     "group_bounds",
     "normalize_group_size",
     "format_group_size",
+    "proportional_split",
     "groups_from_params",
     "describe_groups",
     "compact_names",
@@ -381,6 +382,29 @@ def group_bounds(group_size: GroupSize, num_units: int) -> List[Tuple[int, int]]
         bounds.append((start, start + n))
         start += n
     return bounds
+
+
+def proportional_split(shares: Sequence[int], num_units: int) -> Tuple[int, ...]:
+    """An unequal split tuned on one model (``shares``, units per group bottom to top) carried to a
+    model of ``num_units`` units in the same proportions: each group at least 1 unit, the sizes
+    adding up to ``num_units`` (largest remainders get the leftover units, lower groups first on a
+    tie). ``shares`` itself when it already adds up; one group per unit when the model has fewer
+    units than ``shares`` has groups."""
+    shares = normalize_group_size(tuple(shares), "shares")
+    if num_units < 1:
+        raise ValueError(f"proportional_split: the model has no layer units ({num_units})")
+    if sum(shares) == num_units:
+        return shares
+    if num_units <= len(shares):
+        return (1,) * num_units
+    spare = num_units - len(shares)  # every group keeps 1 unit; the rest is shared out
+    exact = [(n - 1) * spare / (sum(shares) - len(shares)) if sum(shares) > len(shares) else spare / len(shares)
+             for n in shares]
+    sizes = [1 + int(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in by_remainder[:num_units - sum(sizes)]:
+        sizes[i] += 1
+    return tuple(sizes)
 
 
 def group_model(model: nn.Module, group_size: GroupSize = 1) -> List[Group]:

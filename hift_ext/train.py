@@ -100,10 +100,11 @@ class TrainConfig:
     eval: Optional[str] = None  # None: shipped SST-2 dev (when train is None too)
     optimizer: str = "adamw"
     full: bool = False
-    # Tuned on SST-2 with MiniLM (benchmarks/bench_sst2.py): 2 groups of 4 units, top group first,
-    # lr 1e-4 average 87.13% over 4 seeds against full fine-tuning's 87.79%; 4 groups down2up at
-    # 2e-4 averaged 86.09% (3 seeds).
-    group_size: Union[int, List[int]] = 4  # a list: each group's units, bottom to top (an unequal split)
+    # Layer units per group; a list: each group's units, bottom to top (an unequal split). None: the
+    # task's default for the model (Task.group_size_for: 4 for classification, tuned on SST-2 with
+    # MiniLM; causal-lm's 14+9+9, tuned on SmolLM2's 32 units, in proportion on other models).
+    # run_finetune resolves None once the model is loaded, so configs and checkpoints record sizes.
+    group_size: Union[int, List[int], None] = None
     strategy: str = "up2down"
     # consecutive optimizer steps on each group before switching (1: plain HiFT; K > 1: block-coordinate
     # HiFT, and with offload a group's state crosses to the device once per K steps). None: the task's
@@ -240,7 +241,8 @@ class TrainConfig:
         from hift_ext.grouping import normalize_group_size
 
         try:
-            normalize_group_size(self.group_size, "--group-size")
+            if self.group_size is not None:
+                normalize_group_size(self.group_size, "--group-size")
         except (TypeError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         if self.full and self.world_size > 1:
@@ -287,13 +289,23 @@ def resolve_model_path(model: Optional[str]) -> str:
 OptimizerFactory = Callable[["TrainConfig", torch.nn.Module], torch.optim.Optimizer]
 
 
-def effective_group_size(model: torch.nn.Module, group_size):
-    """A group size above the model's layer-unit count means one group of everything: the default
-    (4, tuned for MiniLM) must not refuse a smaller model. A list (an unequal split) is taken as
-    given: the optimizer refuses one that does not add up to the model's units. Used by finetune
-    and `groups`."""
+def default_group_size(model: torch.nn.Module, task: Optional[str]):
+    """``task``'s group size for ``model`` (what ``group_size=None`` means; classification's without a
+    task): an unequal split tuned on another model comes in proportion to this one's units."""
     from hift_ext import grouping
 
+    return get_task(task or "classification").group_size_for(len(grouping.model_units(model)))
+
+
+def effective_group_size(model: torch.nn.Module, group_size, task: Optional[str] = None):
+    """A group size above the model's layer-unit count means one group of everything: the default
+    (4, tuned for MiniLM) must not refuse a smaller model. A list (an unequal split) is taken as
+    given: the optimizer refuses one that does not add up to the model's units. None: ``task``'s
+    default (:func:`default_group_size`). Used by finetune and `groups`."""
+    from hift_ext import grouping
+
+    if group_size is None:
+        group_size = default_group_size(model, task)
     if isinstance(group_size, (list, tuple)):
         return tuple(group_size)
     return min(group_size, len(grouping.model_units(model)))
@@ -344,7 +356,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
     cls = {"adamw": hift_optim.FusedHiFTAdamW, "adagrad": hift_optim.FusedHiFTAdaGrad,
            "sgd": hift_optim.FusedHiFTSGD}[cfg.optimizer]
-    group_size = effective_group_size(model, cfg.group_size)  # run_finetune says when it shrank
+    group_size = effective_group_size(model, cfg.group_size, cfg.resolved_task())  # run_finetune says when it shrank
     offload = cfg.offload
     if offload is None:  # default: offload the inactive groups' state when training on a GPU
         offload = next(model.parameters()).device.type == "cuda"
@@ -981,6 +993,8 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
                 f"{cfg.world_size}; its global batch is --batch-size x processes, so resume it on as many: "
                 + ("`hift-ext finetune --resume ...` (one process)" if saved_world == 1 else
                    f"`torchrun --nproc-per-node {saved_world} $(which hift-ext) finetune --resume ...`"))
+        if cfg.group_size is None:  # not given: the run's own, as the CLI takes every flag not given
+            cfg.group_size = with_legacy_keys(ck.config).get("group_size")
         diff = config_mismatch(with_legacy_keys(ck.config), cfg.to_dict(), TRAINING_KEYS)
         if diff:
             raise UsageError(f"--resume {cfg.resume}: the checkpoint was written by another configuration:\n  "
@@ -1009,6 +1023,9 @@ def run_finetune(cfg: TrainConfig, *, optimizer_factory: Optional[OptimizerFacto
     model_path = built.model_path
     model.to(device=device, dtype=cfg.weights_dtype)  # HiFT in bf16/fp16: low-precision weights, fp32 masters
     model.train()
+    if cfg.group_size is None:  # the task's default for this model, recorded as sizes (config.json, checkpoints)
+        gs = default_group_size(model, cfg.task)
+        cfg.group_size = list(gs) if isinstance(gs, tuple) else gs
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")

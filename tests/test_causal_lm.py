@@ -366,6 +366,31 @@ def test_chat_data_trains_and_the_task_is_taken_from_the_model(tiny_llama_dir, t
 
 
 @needs_kernels
+def test_the_default_split_comes_in_proportion_and_a_resume_keeps_the_runs_own(tiny_llama_dir, gsm8k_small,
+                                                                                tmp_path):
+    """causal-lm's default group split, 14+9+9 on SmolLM2's 32 units, is 2+1+1 on the tiny LLaMA's 4
+    (embedding, 2 blocks, final norm), recorded as sizes in config.json, metrics.json and the
+    checkpoint; a resume through the API that leaves group_size unset (None) takes the run's own, as
+    the CLI does for every flag not given, and ends bitwise like the uninterrupted run."""
+    from hift_ext.train import TrainConfig, run_finetune
+
+    tr, dev = gsm8k_small
+    kw = dict(model=tiny_llama_dir, train=tr, eval=dev, batch_size=4, max_length=1000, eval_generate=0,
+              lr=1e-3, max_steps=4, progress=False, save_model=False)
+    assert TrainConfig.for_task("causal-lm").group_size is None
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ma = run_finetune(TrainConfig.for_task("causal-lm", output=a, **kw), log=lambda s: None)
+    assert ma["num_groups"] == 3 and tuple(ma["group_size"]) == (2, 1, 1)
+    for f in ("config.json", "metrics.json"):
+        assert json.load(open(os.path.join(a, f)))["group_size"] == [2, 1, 1]
+    run_finetune(TrainConfig.for_task("causal-lm", output=b, stop_after=2, **kw), log=lambda s: None)
+    mb = run_finetune(TrainConfig.for_task("causal-lm", output=b, resume=b, **kw), log=lambda s: None)
+    assert tuple(mb["group_size"]) == (2, 1, 1) and mb["steps"] == 4
+    wa, wb = load_model_pt(a), load_model_pt(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@needs_kernels
 @pytest.mark.parametrize("full", [False, True])
 def test_causal_lm_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, gsm8k_small, tmp_path, capsys,
                                                                 full):

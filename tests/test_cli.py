@@ -249,10 +249,11 @@ def test_steps_per_group_flag_help_and_bad_values(capsys):
     text = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()
     entries = re.findall(r"^  --steps-per-group K\b(.*?)(?=^  -)", text, re.M | re.S)
     entry = " ".join(entries[0].split()) if len(entries) == 1 else text
-    # both tasks default to K = 2, so no "[causal-lm: ...]" note (--group-size has one: 4, causal-lm 11)
+    # both tasks default to K = 2, so no "[causal-lm: ...]" note (--group-size has one: 4, causal-lm 14,9,9)
     assert "[default: 2]" in entry and "causal-lm:" not in entry, text
     gs = re.findall(r"^  --group-size M\b(.*?)(?=^  -)", text, re.M | re.S)
-    assert len(gs) == 1 and "[default:4][causal-lm:11]" in "".join(gs[0].split()), text  # (wrapped anywhere)
+    assert len(gs) == 1 and "[default:4][causal-lm:14,9,9onSmolLM2's32units,inproportiononothermodels]" in "".join(
+        gs[0].split()), text  # (wrapped anywhere)
     for bad in ("0", "-2", "1.5", "two"):
         with pytest.raises(SystemExit) as e:
             main(["finetune", "--steps-per-group", bad])
@@ -355,3 +356,4 @@ def test_steps_per_group_finetune_and_resume_mid_block(tiny_bert, small_data, tm
     strip = lambda recs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "tokens_per_s", "elapsed_s")} for r in recs]
     assert strip(json.loads(l) for l in open(os.path.join(a, "metrics.jsonl"))) == \
         strip(json.loads(l) for l in open(os.path.join(b, "metrics.jsonl")))
+

@@ -10,6 +10,7 @@ from hift_ext.grouping import (
     compact_names,
     describe_groups,
     format_group_size,
+    proportional_split,
     group_model,
     groups_from_params,
     model_units,
@@ -486,3 +487,18 @@ def test_bert_masked_lm_tied_decoder():
     assert names(units) == ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "cls"]
     assert "cls.predictions.decoder.weight" not in units[-1].param_names
     check_partition(m, units)
+
+
+def test_proportional_split_carries_an_unequal_split_to_another_model():
+    """causal-lm's default (14+9+9, tuned on SmolLM2's 32 units) on models of other sizes: the same
+    proportions, every group at least one unit, the sizes adding up to the model's units."""
+    assert proportional_split((14, 9, 9), 32) == (14, 9, 9)
+    assert proportional_split((14, 9, 9), 34) == (15, 10, 9)  # a 32-layer LLaMA: embedding, 32 layers, norm
+    assert proportional_split((14, 9, 9), 4) == (2, 1, 1)
+    assert proportional_split((14, 9, 9), 3) == (1, 1, 1)
+    assert proportional_split((14, 9, 9), 2) == (1, 1)  # fewer units than groups: one group a unit
+    for n in range(1, 100):
+        sizes = proportional_split((14, 9, 9), n)
+        assert sum(sizes) == n and min(sizes) >= 1 and list(sizes) == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError, match="every group needs at least 1"):
+        proportional_split((3, 0), 8)

@@ -16,7 +16,7 @@ delayed LR, AMP, non-finite skipping, checkpoints, reports). A :class:`Task` sup
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from hift_ext.errors import UsageError
 
@@ -38,6 +38,10 @@ class Task:
     defaults: Dict[str, Any] = {}  # TrainConfig fields that differ from the dataclass defaults
     default_lrs: Dict[Tuple[str, str], float] = {}  # (mode, optimizer) -> lr
     default_steps_per_group: int = 1  # HiFT's consecutive steps per group (TrainConfig.steps_per_group=None)
+    # HiFT's layer units per group when TrainConfig.group_size is None: an int (any model), or an
+    # unequal split, bottom to top, tuned on the task's default model and carried to other models in
+    # proportion (group_size_for)
+    default_group_size: Union[int, Tuple[int, ...]] = 4
     rate_unit: str = "ex"  # the progress bar's speed: examples/s or tokens/s
     plot_eval: Tuple[str, str, float] = ("eval_accuracy", "eval accuracy (%)", 100.0)  # key, label, scale
 
@@ -46,6 +50,14 @@ class Task:
     def shipped(self, split: str) -> str:
         """Path of the shipped ``split`` ("train" or "dev")."""
         raise NotImplementedError
+
+    def group_size_for(self, num_units: int) -> Union[int, Tuple[int, ...]]:
+        """What ``group_size=None`` means on a model of ``num_units`` layer units."""
+        if isinstance(self.default_group_size, int):
+            return self.default_group_size
+        from hift_ext.grouping import proportional_split
+
+        return proportional_split(self.default_group_size, num_units)
 
     def default_model_name(self) -> str:
         from hift_ext.model_source import DEFAULT_NAMES
