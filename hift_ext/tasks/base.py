@@ -40,8 +40,8 @@ class Task:
     default_steps_per_group: int = 1  # HiFT's consecutive steps per group (TrainConfig.steps_per_group=None)
     # HiFT's layer units per group when TrainConfig.group_size is None: an int (any model), or an
     # unequal split, bottom to top, tuned on the task's default model and carried to other models in
-    # proportion (group_size_for)
-    default_group_size: Union[int, Tuple[int, ...]] = 4
+    # proportion (group_size_for); each task sets its own
+    default_group_size: Union[int, Tuple[int, ...]] = 1
     rate_unit: str = "ex"  # the progress bar's speed: examples/s or tokens/s
     plot_eval: Tuple[str, str, float] = ("eval_accuracy", "eval accuracy (%)", 100.0)  # key, label, scale
 

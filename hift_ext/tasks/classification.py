@@ -160,6 +160,10 @@ class ClassificationTask(Task):
     # bench_sst2's sweep over K (seed 0: K = 1/2/4/8/16 gave 86.01/88.53/87.73/87.04/87.16%) and K = 2
     # over seeds 0-3 (README, Benchmarks): two consecutive steps on each of the 2 groups
     default_steps_per_group = 2
+    # Tuned on SST-2 with MiniLM (bench_sst2.py): 2 groups of 4 units, top group first, lr 1e-4 averaged
+    # 87.13% over 4 seeds at K = 1 against full fine-tuning's 87.79%; 4 groups down2up at 2e-4 86.09%
+    # (3 seeds). An int fits any model (a smaller one gets one group of all its units).
+    default_group_size = 4
     rate_unit = "ex"
     plot_eval = ("eval_accuracy", "eval accuracy (%)", 100.0)
 
