@@ -209,10 +209,11 @@ class CausalLMTask(Task):
     # fine-tuning's (seeds 0 / 1 / 2), tokens/s against torch's fused AdamW timed side by side, alone:
     # 14+9+9 units at K = 2 (a big bottom group: the top groups' steps skip most of the backward)
     # +2.10% / +1.74% / +1.43% at 1.54x, exact match 7/256 (untrained 4); 3 groups of 11 (the default
-    # before) +1.86% / +1.60% / +1.05% at 1.48x; 16+8+8 +2.13% / +1.99% at 1.57x; 2 groups of 16
-    # +0.09% at 1.29x; 4 groups of 8 at K = 1 / 2 / 4 +2.39% / +2.57% / +2.98%. On a model of another
-    # size the split comes in proportion (Task.group_size_for). lr 1e-4 won the earlier lr sweeps,
-    # 5e-5 to 4e-4, here and at 640 problems. The AdaGrad/SGD rates are first guesses.
+    # before) +1.86% / +1.60% / +1.05% at 1.48x; 16+8+8 +2.13% / +1.99% / +1.31% at 1.57x (as close;
+    # exact match not measured); 2 groups of 16 +0.09% at 1.29x; 4 groups of 8 at K = 1 / 2 / 4
+    # +2.39% / +2.57% / +2.98%. On a model of another size the split comes in proportion
+    # (Task.group_size_for). lr 1e-4 won the earlier lr sweeps, 5e-5 to 4e-4, here and at 640
+    # problems. The AdaGrad/SGD rates are first guesses.
     defaults: Dict[str, Any] = {
         "batch_size": 4, "max_length": 512, "epochs": 2, "max_train_examples": 160,
         "max_eval_examples": 64, "eval_generate": 40, "max_new_tokens": 256, "strategy": "up2down",
