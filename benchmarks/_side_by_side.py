@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from hift_ext.host_memory import RETAINED_HEAP_TUNABLES
+
 __all__ = ["train_step", "rotate", "RETAINED_HEAP", "speed_child_env", "process_cpu_usage", "longest"]
 
 # glibc's malloc hands every block over 32 MB (weights' gradients, logits, a long batch's activations)
@@ -22,7 +24,7 @@ __all__ = ["train_step", "rotate", "RETAINED_HEAP", "speed_child_env", "process_
 # warm-up on the longest batch the timed steps fault much less (48 steps of the causal-lm default
 # beside full FT: 28.8 s in the kernel with a one-step warm-up, 7.5 s with a cycle's, against 500 s
 # of compute). A GPU run's device tensors are the caching allocator's anyway.
-RETAINED_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+RETAINED_HEAP = RETAINED_HEAP_TUNABLES  # hift_ext.host_memory's, which `hift-ext finetune` sets in-process
 
 
 def speed_child_env() -> Dict[str, str]:

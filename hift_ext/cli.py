@@ -316,17 +316,11 @@ def cmd_finetune(args) -> int:
                 pass
 
 
-def _trains_on_cpu(device: str) -> bool:
-    import torch
-
-    return str(device).split(":")[0] == "cpu" or (device == "auto" and not torch.cuda.is_available())
-
-
 def _finetune(args, ranks) -> int:
     from hift_ext.data import DataError
     from hift_ext.errors import NonFiniteTrainingError, RunInterrupted, UsageError
     from hift_ext.report import format_summary
-    from hift_ext.train import run_finetune
+    from hift_ext.train import _pick_device, run_finetune
 
     where = f"finetune (rank {ranks.rank})" if ranks.distributed else "finetune"
     try:
@@ -335,7 +329,7 @@ def _finetune(args, ranks) -> int:
             cfg.output = ranks.broadcast_json(cfg.output)  # one directory (rank 0's time stamp) for every rank
             if ranks.main:
                 print(f"{PROG} finetune: no --output given: the run goes to {cfg.output}", file=sys.stderr)
-        if _trains_on_cpu(cfg.device):
+        if _pick_device(cfg.device, ranks).type == "cpu":  # the device run_finetune will train on
             from hift_ext.host_memory import retain_freed_memory
 
             retain_freed_memory()  # 1.10-1.17x the tokens/s of the causal-lm job here (host_memory.py)
