@@ -682,6 +682,18 @@ def _label(name: str, width: int = 34) -> str:
     return textwrap.fill(name.replace(",", ", "), width, break_long_words=False)
 
 
+def _short_label(name: str) -> str:
+    """A config name on one line for the ranking of many runs: keys shortened (group_size -> gs,
+    steps_per_group -> K), the mode's prefix dropped."""
+    for long, short in (("hift-", ""), ("group_size=", "gs="), ("steps_per_group=", "K="), (",", " ")):
+        name = name.replace(long, short)
+    return name
+
+
+#: curves beyond this many in the time panel: the sweep's are drawn faint, unnamed (the ranking names them)
+MAX_NAMED_CURVES = 8
+
+
 def plot(result: dict, png: str) -> None:
     from _common import pyplot
 
@@ -694,14 +706,24 @@ def plot(result: dict, png: str) -> None:
         return
     hift = next((r for r in runs + sweep if r["name"] == result.get("hift_reference", "hift-adamw")), None)
     base = _untrained_reference(result, hift)
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, 7), gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
+    finished = [r for r in runs + sweep if r["mode"] == "hift" and not (r.get("settings") or {}).get("stop_after")]
+    # the ranking panel grows with the runs it names, one line each
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(19, max(7.0, 1.5 + 0.22 * len(finished))),
+                                     gridspec_kw={"width_ratios": [1.5, 1, 1.2]})
     start = base["eval_loss"] if base else None
+    named = runs + sweep if len(runs + sweep) <= MAX_NAMED_CURVES else runs + [r for r in sweep if r is hift]
     for r in runs + sweep:
         pts = ([(0.0, start)] if start is not None else []) + \
             [(e["elapsed_s"], e["eval_loss"]) for e in r.get("eval_history") or []]
         style = dict(color="black", lw=2) if r["mode"] == "full" else {}
-        a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--", label=_label(r["name"]),
-                alpha=1.0 if r in runs else 0.5, **style)
+        if r not in named:  # one of many sweep runs: faint, unnamed
+            style = dict(color="tab:gray", lw=0.8)
+        a1.plot([t / 60 for t, _ in pts], [v for _, v in pts], "o-" if r in runs else "x--",
+                label=_label(r["name"]) if r in named else "_nolegend_",
+                alpha=1.0 if r in runs else (0.6 if r in named else 0.25), **style)
+    if len(named) < len(runs + sweep):
+        a1.plot([], [], "x--", color="tab:gray", alpha=0.5,
+                label=f"{len(runs + sweep) - len(named)} sweep runs (ranked on the right)")
     full = _full_reference(result, hift) if hift else next((r for r in runs if r["name"] == "full-adamw"), None)
     sb = (result.get("comparison") or {}).get("speedup_side_by_side")  # the speed run of the reference's setting
     if sb and full and hift:  # full FT on HiFT's clock scaled by the side-by-side speed ratio
@@ -729,11 +751,12 @@ def plot(result: dict, png: str) -> None:
     a2.set_ylabel("exact match on the dev subset (%)")
     a2.set_title("final-answer exact match (greedy)")
     a2.tick_params(axis="x", labelsize=6, rotation=0)
-    finished = [r for r in runs + sweep if r["mode"] == "hift" and not (r.get("settings") or {}).get("stop_after")]
     allr = sorted(finished, key=lambda r: -r["eval_loss"])  # (a run stopped early has no final loss to rank)
     if allr:  # (none yet while only the untrained and full runs have finished)
-        a3.barh(range(len(allr)), [r["eval_loss"] for r in allr], color="tab:blue")
-        a3.set_yticks(range(len(allr)), [_label(r["name"]) for r in allr], fontsize=6)
+        a3.barh(range(len(allr)), [r["eval_loss"] for r in allr],
+                color=["tab:orange" if r is hift else "tab:blue" for r in allr])
+        a3.set_yticks(range(len(allr)), [_short_label(r["name"]) for r in allr], fontsize=7)
+        a3.set_ylim(-0.6, len(allr) - 0.4)
         lo = min([r["eval_loss"] for r in allr] + ([full["eval_loss"]] if full else []))
         a3.set_xlim(lo * 0.98, max(r["eval_loss"] for r in allr) * 1.02)
         for i, r in enumerate(allr):
@@ -744,7 +767,7 @@ def plot(result: dict, png: str) -> None:
                        label=f"full +{TARGET_LOSS_GAP_PCT:g}%")
             a3.legend(fontsize=7)
         a3.set_xlabel("final dev loss")
-        a3.set_title("HiFT settings (main runs and sweep)")
+        a3.set_title("HiFT settings ranked (orange: the reference)")
     env = result.get("environment", {})
     setup = result.get("setup", {})
     epochs = setup.get("epochs")

@@ -158,6 +158,12 @@ def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_a
     bench_sft.plot({"runs": [dict(untrained, exact_match=None), full, hift, speed], "sweep": [],
                     "hift_reference": "hift-adamw", "comparison": c}, str(png))
     assert png.stat().st_size > 0
+    # a long sweep: its curves go faint and unnamed, the ranking names each run on one line
+    many = [dict(hift, name=f"hift-adamw:group_size=8,steps_per_group={k}") for k in range(1, 13)]
+    assert bench_sft._short_label(many[0]["name"]) == "adamw:gs=8 K=1"
+    bench_sft.plot({"runs": [dict(untrained, exact_match=None), full, hift, speed], "sweep": many,
+                    "hift_reference": "hift-adamw", "comparison": c}, str(png))
+    assert png.stat().st_size > 0
 
 
 def test_sft_equal_time_curve_joins_a_finer_run_of_the_same_full_ft_curve():
