@@ -523,7 +523,9 @@ def assess(result: dict, hift: dict) -> dict:
         "full_loss_at_hift_time": full_at,
         "hift_train_time_s": hift["train_time_s"],
         "full_train_time_s": full["train_time_s"],
-        "equal_time_target_met": full_at is not None and hift["eval_loss"] <= full_at,
+        # (None where HiFT trained longer than full FT's whole run: its curve says nothing past its end)
+        "equal_time_target_met": None if hift["train_time_s"] > full["train_time_s"]
+        else full_at is not None and hift["eval_loss"] <= full_at,
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
@@ -540,10 +542,12 @@ def assess(result: dict, hift: dict) -> dict:
                                       for e in joined]}
         hift_end = hift["epochs"]  # fractional for a max_steps run (its last evaluation's "epoch" is rounded up)
         # HiFT's whole run against full FT's on that clock: above 1, full FT's curve ends first and the
-        # comparison takes its end (the same time budget: full FT could not go further in that time)
-        c["hift_time_over_full_time_side_by_side"] = hift_end / (full["epochs"] * sb)
+        # comparison takes its end, but full FT could have trained on in that time: no verdict (None)
+        over = hift_end / (full["epochs"] * sb)
+        c["hift_time_over_full_time_side_by_side"] = over
         c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
-        c["equal_time_target_met_side_by_side"] = hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
+        c["equal_time_target_met_side_by_side"] = \
+            None if over > 1.0 else hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"]
         # the whole curve: at each HiFT evaluation, full FT's loss after the same time (finer with --eval-steps)
         curve = [{"hift_step": e.get("step"), "hift_loss": e["eval_loss"],
                   "full_steps_same_time": _progress(e, hift) / sb * (full["steps"] / full["epochs"]),

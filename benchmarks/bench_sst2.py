@@ -259,6 +259,7 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
         rows[str(sd)] = {
             "hift": h["eval_accuracy"], "full": f["eval_accuracy"],
             "hift_train_time_s": h_time, "full_train_time_s": f["steps"] * tf,
+            "hift_time_over_full_time": h_time / (f["steps"] * tf),
             # None: HiFT finished before full FT's first evaluation (nothing to interpolate from)
             "full_at_hift_time": interpolate(f_pts, h_time) if h_time >= f_pts[0][0] else None,
             "hift_history": [(eval_step(e, h) * th, e["eval_accuracy"]) for e in h["eval_history"]],
@@ -273,13 +274,16 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
         at = [rows[str(s)]["full_at_hift_time"] for s in seeds]
         fam = mean([a for a in at if a is not None]) if all(a is not None for a in at) else None
         same_epochs = all(hift[sd]["epochs"] == full[sd]["epochs"] for sd in seeds)
+        # HiFT trained longer than full FT's whole run: full FT could have trained on in that time, and
+        # its curve says nothing past its end, so there is no equal-time verdict (None)
+        over = max(rows[str(s)]["hift_time_over_full_time"] for s in seeds)
         out.update(hift_mean=hm, full_mean=fm,
                    hift_epochs=hift[seeds[0]]["epochs"], full_epochs=full[seeds[0]]["epochs"],
                    # None where HiFT trained other epochs than full FT (an equal-time setting only)
                    equal_epochs_gap_points=100 * (fm - hm) if same_epochs else None,
                    equal_epochs_target_met=100 * (fm - hm) <= 0.5 if same_epochs else None,
-                   full_mean_at_hift_time=fam,
-                   equal_time_target_met=fam is None or hm >= fam)
+                   full_mean_at_hift_time=fam, hift_time_over_full_time=over,
+                   equal_time_target_met=None if over > 1.0 else (fam is None or hm >= fam))
     return out
 
 
