@@ -50,7 +50,7 @@ def test_sst2_study_places_a_max_steps_run_at_its_last_step():
     assert st["equal_epochs_gap_points"] is None  # 4.5 epochs against 3: no equal-epoch figure
 
 
-def test_sst2_study_gives_no_equal_time_verdict_when_hift_trained_longer_than_full_ft():
+def test_sst2_study_judges_a_hift_run_longer_than_full_ft_only_when_it_is_behind():
     result = _sst2_result()
     result["sweep"] = [_record("hift-adamw:max_steps=50", s, [0.85, 0.86, 0.87, 0.88, 0.90], full=False, steps=50,
                                max_steps=50) for s in (0, 1)]
@@ -58,6 +58,10 @@ def test_sst2_study_gives_no_equal_time_verdict_when_hift_trained_longer_than_fu
     # 50 HiFT steps x 1.0 s against full FT's 30 x 1.5 s: 1.11x its time, ahead of its end's 0.87, no verdict
     assert st["hift_time_over_full_time"] == pytest.approx(50 / 45)
     assert st["hift_mean"] > st["full_mean_at_hift_time"] and st["equal_time_target_met"] is None
+    # behind full FT's end with more time than full FT had: missed
+    for r in result["sweep"]:
+        r["eval_accuracy"] = r["eval_history"][-1]["eval_accuracy"] = 0.86
+    assert bench_sst2.study(result, "hift-adamw:max_steps=50")["equal_time_target_met"] is False
     assert bench_sst2.study(_sst2_result(), "hift-adamw:max_steps=45")["hift_time_over_full_time"] == 1.0
 
 
@@ -164,7 +168,10 @@ def test_sft_comparison_with_eval_steps_compares_epochs_at_epoch_ends_and_time_a
     slow = bench_sft.compare({"runs": [untrained, full, dict(hift, eval_loss=0.9), dict(speed, speedup=0.8)],
                               "sweep": []})
     assert slow["hift_time_over_full_time_side_by_side"] == pytest.approx(1.25)
-    assert slow["equal_time_target_met_side_by_side"] is None
+    assert slow["equal_time_target_met_side_by_side"] is None  # ahead of full FT's end (1.01), with more time
+    slow = bench_sft.compare({"runs": [untrained, full, dict(hift, eval_loss=1.05), dict(speed, speedup=0.8)],
+                              "sweep": []})
+    assert slow["equal_time_target_met_side_by_side"] is False  # behind it even with more time
     # an untrained run without generation (--generate 0) scores no answers: no exact-match verdict
     c = bench_sft.compare({"runs": [dict(untrained, exact_match=None), full, hift, speed], "sweep": []})
     assert "exact_match_target_met" not in c and c["equal_time_met_at_any_evaluation"] is True
