@@ -214,6 +214,17 @@ def interpolate(points: Sequence[tuple], t: float):
     return points[-1][1]
 
 
+def equal_time_verdict(ahead: bool, hift_time_over_full_time: float):
+    """The equal-time target of bench_sst2 and bench_sft: HiFT at least as good as full FT after the same
+    training time (``ahead``: its final figure against full FT's curve at HiFT's time). Where HiFT
+    trained longer than full FT's whole run, full FT's curve ends first and its end is compared: HiFT
+    behind it has missed (the extra time did not make up for it); ahead of it, None: no verdict, since
+    full FT could have trained on in that time."""
+    if hift_time_over_full_time > 1.0:
+        return None if ahead else False
+    return ahead
+
+
 def align_rows(rows: Sequence[Sequence[str]]) -> str:
     """Rows of strings (the first a header) as left-aligned columns."""
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -354,17 +354,6 @@ def child(spec_json: str, out_path: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- comparison
-def _equal_time_verdict(hift_loss: float, full_loss_then, hift_time_over_full_time: float):
-    """Whether HiFT's final loss is at most full FT's after the same time. Where HiFT trained longer
-    than full FT's whole run, full FT's curve ends first (its end is compared): HiFT behind it has
-    missed (the extra time did not make up for it); ahead of it, None: no verdict, since full FT could
-    have trained on in that time."""
-    if full_loss_then is None:
-        return False
-    ahead = hift_loss <= full_loss_then
-    return (None if ahead else False) if hift_time_over_full_time > 1.0 else ahead
-
-
 def loss_at_time(run: dict, t: float, start_loss) -> float:
     """Dev loss the run had reached after ``t`` seconds of training: linear between its evaluations
     (the untrained model's loss at 0 s); the last one beyond its end."""
@@ -515,6 +504,8 @@ def assess(result: dict, hift: dict) -> dict:
     loss at equal epochs (only where both ran the same steps: a max_steps run's schedule differs), at
     equal time on its own clock and on the side-by-side one, tokens/s, exact match over the untrained
     model. {} without a full fine-tuning run to hold it against."""
+    from _common import equal_time_verdict
+
     base = _untrained_reference(result, hift)
     full = _full_reference(result, hift)
     if not full:
@@ -534,8 +525,8 @@ def assess(result: dict, hift: dict) -> dict:
         "full_loss_at_hift_time": full_at,
         "hift_train_time_s": hift["train_time_s"],
         "full_train_time_s": full["train_time_s"],
-        "equal_time_target_met": _equal_time_verdict(hift["eval_loss"], full_at,
-                                                     hift["train_time_s"] / full["train_time_s"]),
+        "equal_time_target_met": equal_time_verdict(full_at is not None and hift["eval_loss"] <= full_at,
+                                                    hift["train_time_s"] / full["train_time_s"]),
         "speedup_tokens_per_s": hift["train_tokens_per_s"] / full["train_tokens_per_s"],
     }
     c["speedup_target_met"] = c["speedup_tokens_per_s"] >= TARGET_SPEEDUP
@@ -556,8 +547,8 @@ def assess(result: dict, hift: dict) -> dict:
         over = hift_end / (full["epochs"] * sb)
         c["hift_time_over_full_time_side_by_side"] = over
         c["full_loss_at_hift_time_side_by_side"] = loss_at_time(full_fair, hift_end, start)
-        c["equal_time_target_met_side_by_side"] = _equal_time_verdict(
-            hift["eval_loss"], c["full_loss_at_hift_time_side_by_side"], over)
+        c["equal_time_target_met_side_by_side"] = equal_time_verdict(
+            hift["eval_loss"] <= c["full_loss_at_hift_time_side_by_side"], over)
         # the whole curve: at each HiFT evaluation, full FT's loss after the same time (finer with --eval-steps)
         curve = [{"hift_step": e.get("step"), "hift_loss": e["eval_loss"],
                   "full_steps_same_time": _progress(e, hift) / sb * (full["steps"] / full["epochs"]),

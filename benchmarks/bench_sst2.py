@@ -230,7 +230,7 @@ def run_speed(settings: list, n_steps: int) -> dict:
 
 def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
     """HiFT config ``hift_name`` against ``full_name`` over every seed measured of both."""
-    from _common import eval_step, interpolate
+    from _common import equal_time_verdict, eval_step, interpolate
 
     records = [r for r in result.get("runs", []) + result.get("sweep", []) if r.get("eval_history")
                and not r.get("partial") and "seed" in (r.get("settings") or {})]
@@ -274,17 +274,14 @@ def study(result: dict, hift_name: str, full_name: str = "full-adamw") -> dict:
         at = [rows[str(s)]["full_at_hift_time"] for s in seeds]
         fam = mean([a for a in at if a is not None]) if all(a is not None for a in at) else None
         same_epochs = all(hift[sd]["epochs"] == full[sd]["epochs"] for sd in seeds)
-        # HiFT trained longer than full FT's whole run: behind full FT's end it has missed (more time did
-        # not make up for it); ahead of it, no verdict (None): full FT could have trained on in that time
         over = max(rows[str(s)]["hift_time_over_full_time"] for s in seeds)
-        ahead = fam is None or hm >= fam
         out.update(hift_mean=hm, full_mean=fm,
                    hift_epochs=hift[seeds[0]]["epochs"], full_epochs=full[seeds[0]]["epochs"],
                    # None where HiFT trained other epochs than full FT (an equal-time setting only)
                    equal_epochs_gap_points=100 * (fm - hm) if same_epochs else None,
                    equal_epochs_target_met=100 * (fm - hm) <= 0.5 if same_epochs else None,
                    full_mean_at_hift_time=fam, hift_time_over_full_time=over,
-                   equal_time_target_met=(None if ahead else False) if over > 1.0 else ahead)
+                   equal_time_target_met=equal_time_verdict(fam is None or hm >= fam, over))
     return out
 
 
